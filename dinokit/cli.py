@@ -1,0 +1,115 @@
+"""The ``dinokit`` command: thin subcommands that parse, build a config and call the library."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dinokit.config import ConfigError, TrainConfig, parse_overrides, parse_value, presets
+
+DEFAULT_PRESET = "laptop"
+
+
+class UserError(click.ClickException):
+    """An error caused by the user's input: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+def _friendly_errors(fn):
+    """Turn the library's input errors into one clear line instead of a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from dinokit.data.folders import DataError
+        from dinokit.models.backbones import UnknownArchError
+        from dinokit.train.checkpoint import CheckpointError
+        from dinokit.train.loop import TrainingError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, UnknownArchError, CheckpointError) as err:
+            raise UserError(str(err)) from None
+        except TrainingError as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+def _config_options(fn):
+    """One ``--field-name`` option per TrainConfig field (values read as YAML, validated by the config)."""
+    for name, field in reversed(list(TrainConfig.model_fields.items())):
+        help_text = (field.description or "").replace("%", "%%")
+        default = field.default
+        fn = click.option(f"--{name.replace('_', '-')}", name, default=None, metavar="VALUE",
+                          help=f"{help_text} [default: {default}]".strip())(fn)
+    return fn
+
+
+def _cli_value(raw: str) -> Any:
+    if "," in raw and not raw.strip().startswith("["):
+        raw = f"[{raw}]"
+    return parse_value(raw)
+
+
+def build_train_config(config: str | None, flags: dict[str, str | None], overrides: tuple[str, ...]) -> TrainConfig:
+    """Defaults <- preset/YAML (or the run folder's saved config when resuming) <- flags <- key=value."""
+    values = {k: _cli_value(v) for k, v in flags.items() if v is not None}
+    values.update(parse_overrides(list(overrides)))
+    base: str | Path | None = config
+    if base is None:
+        out = Path(values.get("out", TrainConfig.model_fields["out"].default))
+        if (out / "config.yaml").exists():
+            base = out / "config.yaml"
+        elif values.get("data") is None:
+            base = DEFAULT_PRESET
+            click.echo(f"dinokit: built-in shapes data with the '{DEFAULT_PRESET}' preset "
+                       f"(pass --config paper for the full recipe)", err=True)
+    return TrainConfig.build(base, values)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="dinokit")
+def main() -> None:
+    """Self-supervised pretraining of vision backbones with DINO."""
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--config", "config", default=None, help=f"YAML file or preset ({', '.join(presets())})")
+@_config_options
+@click.argument("overrides", nargs=-1)
+@_friendly_errors
+def train(config: str | None, overrides: tuple[str, ...], **flags: str | None) -> None:
+    """Pretrain a backbone with DINO. OVERRIDES are key=value pairs (e.g. epochs=300 teacher_temp=0.07).
+
+    With no arguments: the built-in shapes data and the laptop preset, a few minutes on a CPU.
+    Running again with the same --out resumes the run where it stopped.
+    """
+    from dinokit.train.loop import train as run_training
+
+    cfg = build_train_config(config, flags, overrides)
+    result = run_training(cfg)
+    if result.interrupted:
+        click.echo(f"dinokit: stopped at step {result.steps}; checkpoint saved. Resume with: "
+                   f"dinokit train --out {result.out}", err=True)
+        sys.exit(130)
+    _print_knn_summary(result.knn)
+    click.echo(f"dinokit: done, {result.steps} steps; run folder {result.out}")
+
+
+def _print_knn_summary(results: dict) -> None:
+    if not results:
+        return
+    ks = list(next(iter(results.values())).keys())
+    click.echo("\nk-NN top-1 accuracy on held-out images (%):")
+    click.echo(f"  {'':<14}" + "".join(f"{'k=' + k:>9}" for k in ks))
+    for name, scores in results.items():
+        click.echo(f"  {name:<14}" + "".join(f"{scores[k]['top1']:>9.1f}" for k in ks))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Datasets over an ``ImageList`` that never crash on a bad file, and their collate function.
+
+``ImageDataset[i]`` returns ``(views, label, i)``; ``ImageDataset[(epoch, i)]`` does the same
+with the augmentation's randomness seeded from ``(seed, epoch, i)`` alone, so that an image's
+views do not depend on the worker that loads it, the process count, or a resume. A file that
+cannot be decoded yields ``None`` in place of its views; ``collate_views`` drops it and reports
+its path so the training loop can count and log it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from dinokit.data.folders import BadImageError, ImageList, load_rgb
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, epoch, index)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class ImageDataset(Dataset):
+    """Images of an ``ImageList`` through ``transform``; labels are -1 when the list has none."""
+
+    def __init__(self, images: ImageList, transform: Callable, seed: int = 0) -> None:
+        self.images = images
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        label = self.images.labels[index] if self.images.labels is not None else -1
+        try:
+            image = load_rgb(self.images.paths[index])
+        except BadImageError as err:
+            return None, label, index, str(err)
+        if epoch is None:
+            return self.transform(image), label, index, None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image), label, index, None
+
+
+@dataclass
+class Batch:
+    """A collated batch: ``views`` is one tensor per view (``B x 3 x H x W``), or for plain
+    (single-view) datasets a list with one tensor; ``failed`` lists the files that did not load."""
+
+    views: list[torch.Tensor]
+    labels: torch.Tensor
+    indices: torch.Tensor
+    failed: list[str]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def pin_memory(self) -> "Batch":
+        return Batch([v.pin_memory() for v in self.views], self.labels.pin_memory(), self.indices.pin_memory(), self.failed)
+
+
+def collate_views(samples: list) -> Batch:
+    good = [s for s in samples if s[0] is not None]
+    failed = [s[3] for s in samples if s[0] is None]
+    if not good:
+        return Batch([], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), failed)
+    first = good[0][0]
+    if isinstance(first, (list, tuple)):
+        views = [torch.stack([s[0][v] for s in good]) for v in range(len(first))]
+    else:
+        views = [torch.stack([s[0] for s in good])]
+    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
+    indices = torch.tensor([s[2] for s in good], dtype=torch.long)
+    return Batch(views, labels, indices, failed)

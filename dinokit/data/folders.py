@@ -1,0 +1,125 @@
+"""Image folders: a recursive scan, optional labels from class sub-folders, and safe decoding.
+
+A folder is *labelled* when every image lies inside a first-level sub-folder; the sub-folder
+names, sorted, are the classes (the torchvision ``ImageFolder`` convention). Images directly in
+the root make it unlabelled. Files are never trusted: ``load_rgb`` turns every image mode
+(CMYK, 16-bit, palette, grayscale, alpha) into 8-bit RGB, applies EXIF rotation, and raises
+``BadImageError`` for files that cannot be decoded so callers can skip them.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 25_000 * 25_000  # larger files are refused as decompression bombs
+
+
+class DataError(ValueError):
+    """A data folder that cannot be used (missing, empty, unlabelled where labels are needed)."""
+
+
+class BadImageError(OSError):
+    """One file that is not a readable image."""
+
+
+@dataclass
+class ImageList:
+    """The images of a folder: paths, and labels with class names when the folder has them."""
+
+    root: Path
+    paths: list[Path]
+    labels: list[int] | None = None
+    classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+    def subset(self, indices: list[int] | np.ndarray) -> "ImageList":
+        labels = None if self.labels is None else [self.labels[i] for i in indices]
+        return ImageList(self.root, [self.paths[i] for i in indices], labels, list(self.classes))
+
+    def require_labels(self, what: str) -> None:
+        if not self.labelled:
+            raise DataError(
+                f"{what} needs labels, but {self.root} has images directly inside it; put each "
+                "class's images in its own sub-folder (root/<class>/image.jpg)"
+            )
+
+
+def scan_folder(root: str | Path) -> ImageList:
+    """Every image under ``root`` (recursive, extensions case-insensitive), sorted by path."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is not a folder")
+    paths = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+    if not paths:
+        raise DataError(f"data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
+    tops = [p.relative_to(root).parts for p in paths]
+    if any(len(parts) == 1 for parts in tops):
+        return ImageList(root, paths)
+    classes = sorted({parts[0] for parts in tops})
+    index = {name: i for i, name in enumerate(classes)}
+    return ImageList(root, paths, [index[parts[0]] for parts in tops], classes)
+
+
+def split_train_val(images: ImageList, val_fraction: float, seed: int = 0) -> tuple[ImageList, ImageList]:
+    """A stratified, seeded split: ``val_fraction`` of each class (at least one image per class
+    with two or more images) goes to validation. Unlabelled lists are split as one class."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i in range(len(images)):
+        by_class.setdefault(images.labels[i] if images.labels else 0, []).append(i)
+    train, val = [], []
+    for members in by_class.values():
+        rng.shuffle(members)
+        n_val = round(len(members) * val_fraction)
+        if val_fraction > 0 and len(members) > 1:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        val += members[:n_val]
+        train += members[n_val:]
+    return images.subset(sorted(train)), images.subset(sorted(val))
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode any image file to 8-bit RGB, EXIF orientation applied. Raises ``BadImageError``."""
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImageError(f"{path}: {type(err).__name__}: {err}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        span = max(arr.max() - arr.min(), 1e-12)
+        img = Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

@@ -1,0 +1,83 @@
+"""The views of DINO: multi-crop augmentation for training and the evaluation transform.
+
+``MultiCropAugmentation`` turns one PIL image into ``2 + local_crops_number`` normalised float
+tensors: two global views (``3 x G x G``) and the local views (``3 x L x L``), each with the
+recipe's random resized crop, flip, colour jitter, grayscale, blur and solarisation at that
+view's probabilities. All randomness comes from torch's global generator, so seeding it before
+a call fixes the views (the training dataset does that per image).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.transforms import v2
+
+from dinokit.config import TrainConfig
+
+BICUBIC = v2.InterpolationMode.BICUBIC
+
+
+def _config(cfg: TrainConfig | None, changes: dict) -> TrainConfig:
+    if cfg is None and not changes:
+        return TrainConfig()
+    return TrainConfig.build((cfg or TrainConfig()).to_dict(), changes)
+
+
+def blur_kernel_size(sigma_max: float, crop_size: int) -> int:
+    """An odd kernel covering +-3 sigma, no larger than the crop."""
+    k = 2 * math.ceil(3 * sigma_max) + 1
+    largest_odd = crop_size if crop_size % 2 else crop_size - 1
+    return max(3, min(k, largest_odd))
+
+
+class MultiCropAugmentation:
+    """PIL image -> list of views ``[global_1, global_2, local_1, ..., local_N]`` (float tensors).
+
+    Build with a config (``MultiCropAugmentation(cfg)``) or with the recipe's defaults changed
+    by keyword (``MultiCropAugmentation(local_crops_number=10, global_crops_size=32)``).
+    """
+
+    def __init__(self, cfg: TrainConfig | None = None, **changes) -> None:
+        cfg = _config(cfg, changes)
+        self.cfg = cfg
+        g1 = self._view(cfg, cfg.global_crops_size, cfg.global_crops_scale, cfg.blur_prob[0], cfg.solarize_prob[0])
+        g2 = self._view(cfg, cfg.global_crops_size, cfg.global_crops_scale, cfg.blur_prob[1], cfg.solarize_prob[1])
+        local = self._view(cfg, cfg.local_crops_size, cfg.local_crops_scale, cfg.blur_prob[2], cfg.solarize_prob[2])
+        self.view_transforms = [g1, g2] + [local] * cfg.local_crops_number
+
+    @staticmethod
+    def _view(cfg: TrainConfig, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:
+        steps = [
+            v2.RandomResizedCrop(size, scale=scale, ratio=cfg.crop_ratio, interpolation=BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(cfg.flip_prob),
+            v2.RandomApply([v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.color_jitter_prob),
+            v2.RandomGrayscale(cfg.grayscale_prob),
+        ]
+        if blur_p > 0:
+            kernel = blur_kernel_size(cfg.blur_sigma[1], size)
+            steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=cfg.blur_sigma)], p=blur_p))
+        if solarize_p > 0:
+            steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+        return v2.Compose(steps)
+
+    @property
+    def num_views(self) -> int:
+        return len(self.view_transforms)
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [t(image) for t in self.view_transforms]
+
+
+def eval_transform(crop_size: int = 224, mean=TrainConfig.model_fields["mean"].default,
+                   std=TrainConfig.model_fields["std"].default) -> v2.Compose:
+    """Resize the short side to ``crop_size * 256 / 224``, centre-crop ``crop_size``, normalise."""
+    return v2.Compose([
+        v2.Resize(int(round(crop_size * 256 / 224)), interpolation=BICUBIC, antialias=True),
+        v2.CenterCrop(crop_size),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])

@@ -1,0 +1,66 @@
+"""The DINO loss: cross-entropy from the centred, sharpened teacher to the student.
+
+With ``S`` student views and ``G`` teacher (global) views of a batch of ``B`` images, student
+logits are ``(S*B) x K`` and teacher logits ``(G*B) x K``, both grouped by view (view 0's B
+rows first). The teacher's global view ``q`` is compared with every student view ``v != q``;
+the loss is the mean over those pairs of the batch-mean cross-entropy. The teacher side never
+receives gradients. The centre ``c`` (``K``) is a buffer, so ``state_dict()`` is the official
+``dino_loss`` entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class DINOLoss(nn.Module):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """``softmax((t - c) / teacher_temp)``, computed in float32."""
+        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float,
+                num_teacher_views: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns ``(loss, stats)``; ``stats`` holds detached scalars for monitoring collapse:
+        ``teacher_entropy`` (nats, 0 = one dimension, ln K = uniform) and ``kl`` = KL(P_t || P_s)."""
+        num_student_views = student_logits.shape[0] * num_teacher_views // teacher_logits.shape[0]
+        student_logp = F.log_softmax(student_logits.float() / self.student_temp, dim=-1).chunk(num_student_views)
+        teacher_p = self.teacher_probs(teacher_logits.detach(), teacher_temp).chunk(num_teacher_views)
+        total, pairs = 0.0, 0
+        for q, p_t in enumerate(teacher_p):
+            for v, logp_s in enumerate(student_logp):
+                if v == q:
+                    continue
+                total = total + torch.sum(-p_t * logp_s, dim=-1).mean()
+                pairs += 1
+        loss = total / pairs
+        with torch.no_grad():
+            p_all = torch.cat(teacher_p)
+            entropy = -(p_all * torch.log(p_all.clamp_min(1e-30))).sum(-1).mean()
+        stats = {"teacher_entropy": entropy, "kl": loss.detach() - entropy}
+        return loss, stats
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: torch.Tensor) -> None:
+        """``c <- m c + (1 - m) mean(t)``, the mean over the teacher logits of all processes."""
+        batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)
+        count = torch.tensor([teacher_logits.shape[0]], dtype=torch.float32, device=teacher_logits.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            dist.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+def uniform_loss(out_dim: int) -> float:
+    """The loss of a uniform collapse, ln K."""
+    return math.log(out_dim)

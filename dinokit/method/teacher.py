@@ -1,0 +1,29 @@
+"""The momentum (EMA) teacher: ``theta_t <- lambda theta_t + (1 - lambda) theta_s``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A copy of the student that gradients never touch. Drop path is switched off."""
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for m in teacher.modules():
+        if hasattr(m, "drop_path") and isinstance(m.drop_path, float):
+            m.drop_path = 0.0
+    return teacher
+
+
+@torch.no_grad()
+def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """EMA of all parameters in one multi-tensor operation (no Python loop over tensors)."""
+    t_params = list(teacher.parameters())
+    s_params = [p.detach() for p in student.parameters()]
+    if len(t_params) != len(s_params):
+        raise ValueError(f"teacher has {len(t_params)} parameter tensors, student {len(s_params)}")
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

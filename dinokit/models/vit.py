@@ -1,0 +1,188 @@
+"""The Vision Transformer of DINO, with the official (and timm's) state-dict key names.
+
+Shapes: an image batch ``B x 3 x H x W`` (H, W multiples of the patch size p) becomes
+``T = 1 + (H/p)(W/p)`` tokens of width D; the [CLS] token comes first. Position embeddings
+are learned for ``img_size`` and interpolated bicubically for any other size, square or not.
+Attention goes through ``scaled_dot_product_attention`` (flash / memory-efficient kernels on
+GPU); the explicit softmax is computed only when the attention map itself is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import stochastic_depth
+
+VIT_SIZES = {  # name: (embed_dim, depth, num_heads)
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]  # each B x heads x T x d_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention weights, ``B x heads x T x T`` (rows sum to 1)."""
+        q, k, _ = self._qkv(x)
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + drop_path(attn(norm1(x)))``, then the same with the MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + stochastic_depth(self.attn(self.norm1(x)), self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # B x 3 x H x W -> B x N x D
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone; ``forward`` returns the normalised [CLS] feature, ``B x D``.
+
+    Args:
+        img_size: side in pixels the position embeddings are made for.
+        patch_size: side of a patch in pixels.
+        drop_path_rate: stochastic depth of the last block; it rises linearly from 0 over depth.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
+                 num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, in_chans: int = 3) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, in_chans)
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for a ``height x width`` patch grid: ``1 x (1 + h*w) x D``."""
+        n_stored = self.pos_embed.shape[1] - 1
+        side = math.isqrt(n_stored)
+        if side * side != n_stored:
+            raise ValueError(f"pos_embed holds {n_stored} patches, not a square grid")
+        if (height, width) == (side, side):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        grid = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
+        patch_pos = grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``B x 3 x H x W`` -> tokens ``B x T x D`` with [CLS] and positions."""
+        b, _, h, w = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        tokens = self.patch_embed(x)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        return tokens + self.interpolate_pos_encoding(h // p, w // p)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All output tokens after the final norm, ``B x T x D``."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[:, 0]
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Outputs of the last ``n`` blocks, each through the final norm: ``n`` tensors ``B x T x D``."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights of the last block, ``B x heads x T x T``; [CLS] is token 0."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        return last.attn.attention_map(last.norm1(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def vit(name: str, **kwargs) -> VisionTransformer:
+    """``vit("vit_small", patch_size=8)``: a ViT of a named size."""
+    if name not in VIT_SIZES:
+        raise ValueError(f"unknown ViT size {name!r}; known: {', '.join(VIT_SIZES)}")
+    dim, depth, heads = VIT_SIZES[name]
+    return VisionTransformer(embed_dim=dim, depth=depth, num_heads=heads, **kwargs)

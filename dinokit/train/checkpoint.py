@@ -1,0 +1,91 @@
+"""Checkpoints that survive kills and full disks, in the official DINO layout.
+
+A checkpoint is a dict of tensors and plain values (loadable with
+``torch.load(weights_only=True)``)::
+
+    student     backbone + head, keys prefixed "module.backbone." / "module.head."
+    teacher     backbone + head, keys "backbone." / "head."
+    optimizer   AdamW state
+    dino_loss   {"center": 1 x K}
+    epoch, step, args (the config as a dict), fp16_scaler (None), rng (generator states)
+
+``save_checkpoint`` writes to a temporary file in the same folder, flushes and fsyncs it, then
+renames it over the old file, so at every instant the folder holds a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LATEST = "checkpoint.pth"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message says what to do."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Atomically write ``state`` to ``path`` (the previous file stays until the new one is whole)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(
+                f"no space left in {path.parent} to write a checkpoint (about {_estimate_bytes(state) / 2**20:.0f} MiB "
+                f"needed, {free / 2**20:.0f} MiB free); the previous checkpoint is intact. Free space and run again "
+                "to resume.") from None
+        raise CheckpointError(f"could not write checkpoint {path}: {err}; the previous checkpoint is intact") from None
+
+
+def load_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only``); ``trust=True`` allows full unpickling."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LATEST
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as err:
+        if not trust and "weights_only" in str(err):
+            raise CheckpointError(f"{path} holds Python objects beyond tensors and plain values; it is not loaded "
+                                  "unless you trust it (pass --trust-checkpoint / trust=True)") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {type(err).__name__}: {err}") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _estimate_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_estimate_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_estimate_bytes(v) for v in obj)
+    return 64

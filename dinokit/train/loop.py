@@ -1,0 +1,345 @@
+"""DINO pretraining: ``train(cfg)`` from an image folder to a run folder.
+
+A run folder holds ``config.yaml``, ``checkpoint.pth`` (latest, atomic), ``metrics.jsonl``,
+``knn.json`` and ``tensorboard/``. Running ``train`` again with the same ``out`` resumes from
+the latest checkpoint, exactly: the data order and every view depend only on
+``(seed, epoch, image)``, the drop-path randomness only on ``(seed, rank, step)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dinokit.config import TrainConfig
+from dinokit.data.datasets import ImageDataset, collate_views, sample_seed
+from dinokit.data.folders import DataError, ImageList, scan_folder, split_train_val
+from dinokit.data.public import resolve_data
+from dinokit.data.sampler import TrainingSampler
+from dinokit.data.transforms import MultiCropAugmentation
+from dinokit.eval.knn import knn_evaluate
+from dinokit.method.loss import DINOLoss
+from dinokit.method.schedules import Schedules
+from dinokit.method.teacher import make_teacher, update_teacher
+from dinokit.models.backbones import build_backbone
+from dinokit.models.head import DINOHead
+from dinokit.models.multicrop import MultiCropModel
+from dinokit.train.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from dinokit.train.distributed import DistEnv, init_distributed, resolve_device, shutdown_distributed
+from dinokit.train.monitor import Monitor
+from dinokit.train.optim import build_optimizer, clip_gradients, set_hyperparameters
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (collapse into NaNs, too many unreadable images, ...)."""
+
+
+@dataclass
+class RunResult:
+    out: Path
+    steps: int
+    interrupted: bool = False
+    knn: dict = field(default_factory=dict)
+
+
+@dataclass
+class DINOState:
+    """Everything a step changes: networks, optimizer, centre (in ``loss``) and the step count."""
+
+    student: MultiCropModel
+    teacher: MultiCropModel
+    loss: DINOLoss
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+
+    def state_dict(self, cfg: TrainConfig, steps_per_epoch: int) -> dict:
+        """The official DINO layout (plus ``step``)."""
+        return {
+            "student": {f"module.{k}": v for k, v in self.student.state_dict().items()},
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "dino_loss": self.loss.state_dict(),
+            "epoch": self.step // steps_per_epoch,
+            "step": self.step,
+            "args": cfg.to_dict(),
+            "fp16_scaler": None,
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.student.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["student"].items()})
+        self.teacher.load_state_dict(ckpt["teacher"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.loss.load_state_dict(ckpt["dino_loss"])
+        self.step = int(ckpt["step"])
+
+
+def build_state(cfg: TrainConfig, device: torch.device) -> DINOState:
+    """Student, EMA teacher, loss and optimizer of a fresh run (seeded by ``cfg.seed``)."""
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone(cfg.arch, cfg.patch_size, cfg.global_crops_size, cfg.drop_path_rate)
+    head = DINOHead(backbone.num_features, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                    cfg.head_layers, cfg.norm_last_layer)
+    student = MultiCropModel(backbone, head).to(device)
+    if backbone.__class__.__name__ == "ResNet" and dist.is_initialized():
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    teacher = make_teacher(student)
+    return DINOState(student, teacher, DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device),
+                     build_optimizer(student, device))
+
+
+def train_step(state: DINOState, views: list[torch.Tensor], hp: dict[str, float], cfg: TrainConfig,
+               student: nn.Module, autocast) -> dict[str, torch.Tensor] | None:
+    """One DINO step on a batch of views (``views[:2]`` global). Returns the step's metrics, or
+    ``None`` when the loss or a gradient was not finite (then nothing was updated).
+
+    ``student`` is ``state.student`` or its DDP wrapper.
+    """
+    set_hyperparameters(state.optimizer, hp["lr"], hp["weight_decay"])
+    with autocast:
+        with torch.no_grad():
+            teacher_logits = state.teacher(views[:2])
+        student_logits = student(views)
+    loss, stats = state.loss(student_logits, teacher_logits, hp["teacher_temp"])
+
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in state.student.parameters() if p.requires_grad]
+    grad_norms = clip_gradients(params, cfg.clip_grad)
+    if not bool(torch.isfinite(loss) & torch.isfinite(grad_norms).all()):
+        state.optimizer.zero_grad(set_to_none=True)
+        return None
+    if hp["freeze_last_layer"]:
+        for p in state.student.head.last_layer.parameters():
+            p.grad = None
+    state.optimizer.step()
+    update_teacher(state.teacher, state.student, hp["momentum"])
+    state.loss.update_center(teacher_logits)
+    return {"loss": loss.detach(), **stats}
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (restored on exit)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous = {}
+
+    def __enter__(self) -> "_StopSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _split_data(cfg: TrainConfig) -> tuple[ImageList, ImageList | None]:
+    images = scan_folder(resolve_data(cfg.data))
+    if images.labelled and cfg.val_fraction > 0 and len(images.classes) > 1:
+        train_images, val_images = split_train_val(images, cfg.val_fraction, cfg.seed)
+        if len(val_images):
+            return train_images, val_images
+    return images, None
+
+
+def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    for key in ("arch", "patch_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers",
+                "norm_last_layer", "batch_size", "epochs", "seed", "local_crops_number"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise TrainingError(f"{path} was trained with {key}={saved[key]!r}, but this run asks for "
+                                f"{getattr(cfg, key)!r}; pick another --out to start a new run")
+
+
+class _Knn:
+    """The periodic k-NN monitor: teacher backbone, held-out labelled images, results in knn.json."""
+
+    def __init__(self, cfg: TrainConfig, train_images: ImageList, val_images: ImageList | None, out: Path,
+                 device: torch.device) -> None:
+        self.cfg, self.train_images, self.val_images, self.device = cfg, train_images, val_images, device
+        self.path = out / "knn.json"
+        self.results = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.val_images is not None
+
+    def run(self, name: str, backbone: nn.Module, monitor: Monitor, step: int) -> None:
+        cfg = self.cfg
+        scores = knn_evaluate(backbone, self.train_images, self.val_images, cfg.global_crops_size, cfg.knn_k,
+                              cfg.knn_temperature, cfg.mean, cfg.std, cfg.eval_batch_size, self.device,
+                              progress=monitor.enabled)
+        self.results[name] = {str(k): v for k, v in scores.items()}
+        self.path.write_text(json.dumps(self.results, indent=1))
+        k = 20 if 20 in scores else cfg.knn_k[0]
+        monitor.event("knn", {"name": name, **{f"top1_k{kk}": v["top1"] for kk, v in scores.items()}}, step)
+        monitor.write(f"k-NN ({name}): top-1 {scores[k]['top1']:.1f}%  top-5 {scores[k]['top5']:.1f}%  (k={k}, "
+                      f"{len(self.train_images)} memory / {len(self.val_images)} held-out images)")
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Pretrain with DINO as ``cfg`` says; resume from ``cfg.out`` when it holds a checkpoint."""
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    env = init_distributed(device)
+    try:
+        return _train(cfg, device, env)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
+    out = Path(cfg.out)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    train_images, val_images = _split_data(cfg)
+    state = build_state(cfg, device)
+    ckpt_path = out / LATEST
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resumable(ckpt.get("args", {}), cfg, ckpt_path)
+        state.load_state_dict(ckpt)
+        del ckpt
+    elif cfg.init:
+        from dinokit.hub.load import init_training_state
+
+        for line in init_training_state(state, cfg.init):
+            if env.is_main:
+                print(line)
+    if env.is_main:
+        cfg.to_yaml(out / "config.yaml")
+
+    if len(train_images) < cfg.batch_size:
+        raise DataError(f"batch_size {cfg.batch_size} is larger than the {len(train_images)} training images; "
+                        f"lower batch_size")
+    steps_per_epoch = len(train_images) // cfg.batch_size
+    schedules = Schedules.from_config(cfg, steps_per_epoch)
+    sampler = TrainingSampler(len(train_images), cfg.batch_size, schedules.total_steps, cfg.seed, env.rank,
+                              env.world_size, start_step=state.step)
+    dataset = ImageDataset(train_images, MultiCropAugmentation(cfg), seed=cfg.seed)
+    workers = _num_workers(cfg, device)
+    loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if workers else None)
+    student: nn.Module = state.student
+    if env.distributed:
+        student = nn.parallel.DistributedDataParallel(state.student, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        state.student.backbone.compile()
+        state.teacher.backbone.compile()
+    autocast = _autocast(cfg, device)
+
+    monitor = Monitor(out, schedules.total_steps, state.step, cfg.batch_size, enabled=env.is_main)
+    knn = _Knn(cfg, train_images, val_images, out, device)
+    if env.is_main:
+        monitor.write(f"dinokit: {len(train_images)} training images from {train_images.root}"
+                      f"{f', {len(val_images)} held out for k-NN' if val_images else ''}; {cfg.arch}/{cfg.patch_size} "
+                      f"on {device} x {env.world_size}; {steps_per_epoch} steps/epoch x {cfg.epochs} epochs")
+        if knn.enabled and "untrained" not in knn.results:
+            knn.run("untrained", state.teacher.backbone, monitor, state.step)
+            knn.run("raw pixels", nn.Flatten(), monitor, state.step)
+
+    def checkpoint(tag: str | None = None) -> None:
+        if not env.is_main:
+            return
+        monitor.flush()
+        payload = state.state_dict(cfg, steps_per_epoch)
+        save_checkpoint(payload, ckpt_path)
+        if tag and cfg.keep_checkpoints:
+            save_checkpoint(payload, out / f"checkpoint_{tag}.pth")
+            kept = sorted(out.glob("checkpoint_epoch*.pth"))
+            for old in kept[:-cfg.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+
+    bad_in_epoch, seen_in_epoch, nonfinite_run = 0, 0, 0
+    interrupted = False
+    with _StopSignal() as stop:
+        waited_since = time.perf_counter()
+        for batch in loader:
+            data_wait = time.perf_counter() - waited_since
+            step = state.step
+            epoch = step // steps_per_epoch
+            for path in batch.failed:
+                monitor.write(f"warning: skipped unreadable image {path}")
+            bad_in_epoch += len(batch.failed)
+            seen_in_epoch += len(batch) + len(batch.failed)
+            hp = schedules.at(step)
+            torch.manual_seed(sample_seed(cfg.seed, 1_000_003 + env.rank, step))  # drop path
+            metrics = None
+            if len(batch):
+                views = [v.to(device, non_blocking=True) for v in batch.views]
+                metrics = train_step(state, views, hp, cfg, student, autocast)
+            if metrics is None:
+                nonfinite_run += bool(len(batch))
+                monitor.write(f"warning: step {step} skipped (non-finite loss or gradient, or no readable image)")
+                if nonfinite_run >= cfg.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{nonfinite_run} steps in a row had a non-finite loss or gradient; the last checkpoint "
+                        f"({ckpt_path}) holds finite weights. Likely causes: lr too high for the batch size, "
+                        "fp16 overflow, a teacher temperature too low, corrupted images")
+            else:
+                nonfinite_run = 0
+                monitor.step(step, epoch, {**metrics, **hp}, data_wait)
+            state.step += 1
+            if state.step % cfg.log_every == 0:
+                monitor.flush()
+
+            end_of_epoch = state.step % steps_per_epoch == 0
+            if end_of_epoch:
+                if bad_in_epoch:
+                    monitor.event("bad_images", {"epoch": epoch, "failed": bad_in_epoch, "seen": seen_in_epoch}, step)
+                    monitor.write(f"epoch {epoch}: {bad_in_epoch} of {seen_in_epoch} images could not be read")
+                    if bad_in_epoch > cfg.max_bad_fraction * seen_in_epoch:
+                        raise TrainingError(f"{bad_in_epoch} of {seen_in_epoch} images failed to load in epoch {epoch},"
+                                            f" more than max_bad_fraction={cfg.max_bad_fraction}; check the data folder")
+                bad_in_epoch = seen_in_epoch = 0
+                checkpoint(f"epoch{epoch + 1:04d}")
+                if env.is_main and knn.enabled and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 \
+                        and state.step < schedules.total_steps:
+                    knn.run(f"epoch {epoch + 1}", state.teacher.backbone, monitor, state.step)
+            elif cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+                checkpoint()
+            if stop.received is not None:
+                interrupted = True
+                if not end_of_epoch:
+                    checkpoint()
+                break
+            waited_since = time.perf_counter()
+
+    if env.is_main and not interrupted and knn.enabled and "final" not in knn.results:
+        knn.run("final", state.teacher.backbone, monitor, state.step)
+    monitor.close()
+    if env.distributed:
+        dist.barrier()
+    return RunResult(out, state.step, interrupted, knn.results)

@@ -1,0 +1,91 @@
+"""What a run tells its user: a progress bar, ``metrics.jsonl`` and TensorBoard events.
+
+Only the main process writes. Per-step values are buffered as tensors and written every
+``log_every`` steps, so the GPU is not synchronised each step for logging.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+class Monitor:
+    def __init__(self, out: Path, total_steps: int, start_step: int, images_per_step: int, enabled: bool = True,
+                 tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.images_per_step = images_per_step
+        self.pending: list[dict[str, Any]] = []
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not enabled,
+                        dynamic_ncols=True)
+        self.metrics_file = open(out / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                tqdm.write("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+        self.window_start = time.perf_counter()
+        self.window_steps = 0
+        self.window_data_wait = 0.0
+
+    def step(self, step: int, epoch: int, values: dict[str, Any], data_wait: float) -> None:
+        """Record one step's values (floats or 0-d tensors)."""
+        if not self.enabled:
+            return
+        self.pending.append({"step": step, "epoch": epoch, **values})
+        self.window_steps += 1
+        self.window_data_wait += data_wait
+        self.bar.update(1)
+
+    def flush(self) -> None:
+        if not self.enabled or not self.pending:
+            return
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        rows = [{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in row.items()} for row in self.pending]
+        for row in rows:
+            self.metrics_file.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                        self.tb.add_scalar(f"train/{key}", value, row["step"])
+        self.metrics_file.flush()
+        last = rows[-1]
+        self.bar.set_postfix(
+            loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", T_t=f"{last['teacher_temp']:.3f}",
+            m=f"{last['momentum']:.4f}", H_t=f"{last['teacher_entropy']:.2f}",
+            img_s=f"{self.window_steps * self.images_per_step / elapsed:.1f}",
+            data=f"{100 * self.window_data_wait / elapsed:.0f}%",
+        )
+        self.pending.clear()
+        self.window_start, self.window_steps, self.window_data_wait = time.perf_counter(), 0, 0.0
+
+    def event(self, name: str, values: dict[str, Any], step: int) -> None:
+        """A non-step record (k-NN result, bad-file summary): written at once."""
+        if not self.enabled:
+            return
+        self.metrics_file.write(json.dumps({"event": name, "step": step, **values}) + "\n")
+        self.metrics_file.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{name}/{key}", value, step)
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        self.flush()
+        self.bar.close()
+        if self.metrics_file:
+            self.metrics_file.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,46 @@
+"""AdamW for DINO: parameter groups without decay on biases and norms, per-tensor clipping."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Two groups: weights that decay (``ndim > 1``, not a bias) and the rest (``weight_decay=0``)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (fused on CUDA, multi-tensor elsewhere); lr and weight decay are set every step."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model), lr=0.0, weight_decay=0.0, fused=fused, foreach=None if fused else True)
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("name") != "no_decay":
+            group["weight_decay"] = weight_decay
+
+
+@torch.no_grad()
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale each gradient tensor whose L2 norm exceeds ``max_norm`` down to it (the reference's
+    per-tensor clipping), in multi-tensor ops. Returns the norms before clipping (one per tensor)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch._foreach_norm(grads)
+    if max_norm > 0:
+        scales = torch._foreach_add(norms, 1e-6)
+        torch._foreach_reciprocal_(scales)
+        torch._foreach_mul_(scales, max_norm)
+        torch._foreach_clamp_max_(scales, 1.0)
+        torch._foreach_mul_(grads, scales)
+    return torch.stack(norms)
