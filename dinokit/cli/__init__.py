@@ -1,4 +1,8 @@
-"""The ``dinokit`` command: thin subcommands that parse, build a config and call the library."""
+"""The ``dinokit`` command: thin subcommands that parse, build a config and call the library.
+
+``main`` is the group; each concern adds its subcommands from its own module of this package
+(``dinokit.cli.<module>``), registered at the bottom of this file.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
-def _friendly_errors(fn):
+def friendly_errors(fn):
     """Turn the library's input errors into one clear line instead of a traceback."""
     import functools
 
@@ -82,7 +86,7 @@ def main() -> None:
 @click.option("--config", "config", default=None, help=f"YAML file or preset ({', '.join(presets())})")
 @_config_options
 @click.argument("overrides", nargs=-1)
-@_friendly_errors
+@friendly_errors
 def train(config: str | None, overrides: tuple[str, ...], **flags: str | None) -> None:
     """Pretrain a backbone with DINO. OVERRIDES are key=value pairs (e.g. epochs=300 teacher_temp=0.07).
 
@@ -111,5 +115,6 @@ def _print_knn_summary(results: dict) -> None:
         click.echo(f"  {name:<14}" + "".join(f"{scores[k]['top1']:>9.1f}" for k in ks))
 
 
-if __name__ == "__main__":
-    main()
+# Subcommands of the other concerns register themselves on ``main`` when imported.
+for _module in ():
+    __import__(f"dinokit.cli.{_module}")
