@@ -32,13 +32,14 @@ def friendly_errors(fn):
         from dinokit.data.folders import DataError
         from dinokit.models.backbones import UnknownArchError
         from dinokit.train.checkpoint import CheckpointError
+        from dinokit.train.distributed import DistributedError
         from dinokit.train.loop import TrainingError
 
         try:
             return fn(*args, **kwargs)
         except (ConfigError, DataError, UnknownArchError, CheckpointError) as err:
             raise UserError(str(err)) from None
-        except TrainingError as err:
+        except (TrainingError, DistributedError) as err:
             raise click.ClickException(str(err)) from None
 
     return wrapper
@@ -97,10 +98,12 @@ def train(config: str | None, overrides: tuple[str, ...], **flags: str | None) -
 
     cfg = build_train_config(config, flags, overrides)
     result = run_training(cfg)
+    if not result.main:  # another process of a distributed run: the main one reports
+        sys.exit(130 if result.interrupted else 0)
     if result.interrupted:
         click.echo(f"dinokit: stopped at step {result.steps}; checkpoint saved. Resume with: "
                    f"dinokit train --out {result.out}", err=True)
-        sys.exit(130)
+        sys.exit(128 + int(result.stop_signal or 0))
     _print_knn_summary(result.knn)
     click.echo(f"dinokit: done, {result.steps} steps; run folder {result.out}")
 
@@ -116,5 +119,5 @@ def _print_knn_summary(results: dict) -> None:
 
 
 # Subcommands of the other concerns register themselves on ``main`` when imported.
-for _module in ():
+for _module in ("viz", "eval", "hub"):
     __import__(f"dinokit.cli.{_module}")

@@ -31,14 +31,22 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Atomically write ``state`` to ``path`` (the previous file stays until the new one is whole)."""
+    """Atomically write ``state`` to ``path`` (the previous file stays until the new one is whole).
+
+    Refuses a state holding NaN or infinite floats: a checkpoint is always safe to resume from.
+    """
     path = Path(path)
+    bad = nonfinite_keys(state)
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}; "
+                              "the previous checkpoint is intact")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        _test_pause()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
@@ -66,6 +74,24 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
             raise CheckpointError(f"{path} holds Python objects beyond tensors and plain values; it is not loaded "
                                   "unless you trust it (pass --trust-checkpoint / trust=True)") from None
         raise CheckpointError(f"{path} is not a readable checkpoint: {type(err).__name__}: {err}") from None
+
+
+def nonfinite_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of the floating-point tensors in ``obj`` holding NaN or inf."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in nonfinite_keys(v, f"{prefix}.{key}" if prefix else str(key))]
+    return []
+
+
+def _test_pause() -> None:
+    """Tests hold a write open here (``DINOKIT_TEST_SAVE_PAUSE`` seconds) to kill it mid-save."""
+    pause = float(os.environ.get("DINOKIT_TEST_SAVE_PAUSE", 0) or 0)
+    if pause > 0:
+        import time
+
+        time.sleep(pause)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -7,6 +7,7 @@ Only the main process writes. Per-step values are buffered as tensors and writte
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,36 @@ class Monitor:
             self.metrics_file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class StallWatch:
+    """Says so when no batch has arrived for ``after`` seconds (a slow or hung network disk),
+    from a background thread, so that a stalled run is never silent. ``tick()`` after each batch."""
+
+    def __init__(self, write, after: float = 120.0) -> None:
+        self.write, self.after = write, after
+        self.last = time.monotonic()
+        self.warned = False
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "StallWatch":
+        self.thread.start()
+        return self
+
+    def tick(self) -> None:
+        if self.warned:
+            self.write(f"data arrived again after {time.monotonic() - self.last:.0f} s")
+        self.last, self.warned = time.monotonic(), False
+
+    def _watch(self) -> None:
+        while not self.done.wait(min(10.0, self.after / 4)):
+            waited = time.monotonic() - self.last
+            if waited > self.after and not self.warned:
+                self.warned = True
+                self.write(f"warning: no batch for {waited:.0f} s: is the data folder on a slow or unreachable "
+                           "disk? (the run goes on when images arrive)")
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join(timeout=1)

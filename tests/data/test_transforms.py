@@ -1,0 +1,112 @@
+"""Multi-crop views: shapes, value ranges, and each transform's probability per view, measured."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinokit.config import TrainConfig
+from dinokit.data.transforms import MultiCropAugmentation, eval_transform
+
+DRAWS = 400
+TOL = 0.07  # > 3 binomial standard deviations for 400 draws
+
+# Isolate one transform at a time: every other random transform is off, crops keep the whole image.
+QUIET = dict(global_crops_size=32, local_crops_size=16, local_crops_number=2, global_crops_scale=(1.0, 1.0),
+             local_crops_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, color_jitter_prob=0.0,
+             grayscale_prob=0.0, blur_prob=(0.0, 0.0, 0.0), solarize_prob=(0.0, 0.0, 0.0),
+             mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), patch_size=8)
+
+
+def _rates(aug, image, detect) -> np.ndarray:
+    torch.manual_seed(0)
+    hits = np.zeros(aug.num_views)
+    for _ in range(DRAWS):
+        for v, view in enumerate(aug(image)):
+            hits[v] += bool(detect(view))
+    return hits / DRAWS
+
+
+def test_default_views_shapes_and_normalisation():
+    aug = MultiCropAugmentation()
+    views = aug(Image.new("RGB", (300, 200), (255, 255, 255)))
+    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 8
+    assert all(v.dtype == torch.float32 for v in views)
+    cfg = TrainConfig()
+    low = min((0 - m) / s for m, s in zip(cfg.mean, cfg.std))
+    high = max((1 - m) / s for m, s in zip(cfg.mean, cfg.std))
+    assert all(low - 1e-4 <= v.min() and v.max() <= high + 1e-4 for v in views)
+
+
+def test_sizes_counts_and_statistics_are_configurable():
+    sizes = dict(global_crops_size=64, local_crops_size=32, local_crops_number=3, patch_size=8)
+    image = Image.fromarray((np.random.default_rng(0).random((80, 80, 3)) * 255).astype(np.uint8))
+    torch.manual_seed(0)
+    own = MultiCropAugmentation(**sizes, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))(image)
+    torch.manual_seed(0)
+    plain = MultiCropAugmentation(**sizes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(image)
+    assert [v.shape[-1] for v in own] == [64, 64, 32, 32, 32]
+    mean, std = torch.tensor([0.5, 0.4, 0.3])[:, None, None], torch.tensor([0.2, 0.3, 0.4])[:, None, None]
+    assert all(torch.allclose(a, (b - mean) / std, atol=1e-5) for a, b in zip(own, plain))
+
+
+def test_solarize_only_on_the_second_global_view():
+    aug = MultiCropAugmentation(**{**QUIET, "solarize_prob": (0.0, 0.2, 0.0)})
+    rates = _rates(aug, Image.new("RGB", (32, 32), (200, 200, 200)), lambda v: v.mean() < 0.5)
+    assert rates[0] == 0 and rates[2:].max() == 0
+    assert abs(rates[1] - 0.2) < TOL
+
+
+def test_blur_probabilities_per_view():
+    board = (np.indices((32, 32)).sum(0) // 4 % 2 * 255).astype(np.uint8)
+    image = Image.fromarray(np.stack([board] * 3, -1))
+    aug = MultiCropAugmentation(**{**QUIET, "blur_prob": (1.0, 0.1, 0.5), "blur_sigma": (1.5, 2.0)})
+    sharp = MultiCropAugmentation(**QUIET)(image)
+    rates = _rates(aug, image, lambda v: v.std() < 0.6 * sharp[0 if v.shape[-1] == 32 else 2].std())
+    assert rates[0] == 1.0
+    assert abs(rates[1] - 0.1) < TOL
+    assert all(abs(r - 0.5) < TOL for r in rates[2:])
+
+
+def test_flip_grayscale_and_colour_jitter_rates():
+    half = np.zeros((32, 32, 3), dtype=np.uint8)
+    half[:, 16:] = 255
+    aug = MultiCropAugmentation(**{**QUIET, "flip_prob": 0.5})
+    assert all(abs(r - 0.5) < TOL for r in _rates(aug, Image.fromarray(half), lambda v: v[:, :, :v.shape[-1] // 2].mean() > 0.5))
+
+    aug = MultiCropAugmentation(**{**QUIET, "grayscale_prob": 0.2})
+    red = Image.new("RGB", (32, 32), (200, 30, 30))
+    assert all(abs(r - 0.2) < TOL for r in _rates(aug, red, lambda v: (v[0] - v[1]).abs().max() < 1e-3))
+
+    aug = MultiCropAugmentation(**{**QUIET, "color_jitter_prob": 0.8, "contrast": 0.0, "saturation": 0.0, "hue": 0.0})
+    grey = Image.new("RGB", (32, 32), (128, 128, 128))
+    rates = _rates(aug, grey, lambda v: abs(v.mean().item() - 128 / 255) > 1.5 / 255)
+    assert all(abs(r - 0.8 * 0.99) < TOL for r in rates)  # ~1% of brightness factors are too close to 1 to see
+
+
+def test_crop_scales_follow_the_config():
+    # A white square on black covering 1/4 of the image: a global crop (scale >= 0.4) can never
+    # fall entirely inside it, a small local crop often does.
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    img[:32, :32] = 255
+    aug = MultiCropAugmentation(**{**QUIET, "global_crops_scale": (0.4, 1.0), "local_crops_scale": (0.05, 0.1),
+                                   "crop_ratio": (0.75, 4 / 3)})
+    rates = _rates(aug, Image.fromarray(img), lambda v: v.min() > 0.9)
+    assert rates[0] == rates[1] == 0
+    assert rates[2] > 0.1
+
+
+def test_eval_transform_resizes_then_centre_crops():
+    t = eval_transform(32, mean=(0, 0, 0), std=(1, 1, 1))
+    out = t(Image.new("RGB", (100, 50), (255, 0, 0)))
+    assert out.shape == (3, 32, 32) and torch.allclose(out[0], torch.ones(32, 32), atol=1e-3)
+
+
+def test_same_seed_same_views():
+    aug = MultiCropAugmentation(global_crops_size=32, local_crops_size=16, local_crops_number=2, patch_size=8)
+    img = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    torch.manual_seed(5)
+    a = aug(img)
+    torch.manual_seed(5)
+    b = aug(img)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from dinokit.method.loss import DINOLoss
+
+
+def direct_loss(student, teacher, center, tau_s, tau_t, n_teacher_views=2):
+    """The recipe written out: mean over pairs (q, v != q) of batch-mean cross-entropies."""
+    s_views = student.chunk(student.shape[0] // (teacher.shape[0] // n_teacher_views))
+    t_views = teacher.chunk(n_teacher_views)
+    terms = []
+    for q, t in enumerate(t_views):
+        p_t = torch.softmax((t - center) / tau_t, dim=-1)
+        for v, s in enumerate(s_views):
+            if v != q:
+                terms.append((-(p_t * torch.log_softmax(s / tau_s, dim=-1)).sum(-1)).mean())
+    return torch.stack(terms).mean(), len(terms)
+
+
+def test_loss_equals_direct_formula_with_pair_exclusion():
+    torch.manual_seed(0)
+    batch, k, n_local = 3, 7, 4
+    student = torch.randn((2 + n_local) * batch, k, dtype=torch.float64)
+    teacher = torch.randn(2 * batch, k, dtype=torch.float64)
+    loss_fn = DINOLoss(k, student_temp=0.1)
+    loss_fn.center = torch.randn(1, k)
+    loss, stats = loss_fn(student.float(), teacher.float(), teacher_temp=0.04)
+    expected, pairs = direct_loss(student, teacher, loss_fn.center.double(), 0.1, 0.04)
+    assert pairs == 2 * (2 + n_local) - 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    p_t = torch.softmax((teacher - loss_fn.center.double()) / 0.04, -1)
+    entropy = -(p_t * p_t.log()).sum(-1).mean()
+    assert stats["teacher_entropy"].item() == pytest.approx(entropy.item(), rel=1e-4)
+    assert stats["kl"].item() == pytest.approx((expected - entropy).item(), rel=1e-4, abs=1e-5)
+
+
+def test_teacher_receives_no_gradient_and_student_does():
+    student = torch.randn(8, 5, requires_grad=True)
+    teacher = torch.randn(4, 5, requires_grad=True)
+    loss, _ = DINOLoss(5)(student, teacher, 0.04)
+    loss.backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0
+
+
+def test_centre_update_is_an_ema_of_the_batch_mean():
+    loss_fn = DINOLoss(4, center_momentum=0.9)
+    t1, t2 = torch.randn(6, 4), torch.randn(10, 4)
+    loss_fn.update_center(t1)
+    assert torch.allclose(loss_fn.center, 0.1 * t1.mean(0, keepdim=True))
+    loss_fn.update_center(t2)
+    assert torch.allclose(loss_fn.center, 0.9 * 0.1 * t1.mean(0, keepdim=True) + 0.1 * t2.mean(0, keepdim=True))
+    assert set(loss_fn.state_dict()) == {"center"}
+
+
+def test_collapse_signals():
+    k = 16
+    loss_fn = DINOLoss(k)
+    uniform_teacher = torch.zeros(4, k)
+    _, stats = loss_fn(torch.zeros(8, k), uniform_teacher, 0.04)
+    assert stats["teacher_entropy"].item() == pytest.approx(math.log(k), rel=1e-5)  # uniform: ln K
+    assert stats["kl"].item() == pytest.approx(0.0, abs=1e-5)
+    one_hot = torch.zeros(4, k)
+    one_hot[:, 3] = 100.0
+    _, stats = loss_fn(torch.randn(8, k), one_hot, 0.04)
+    assert stats["teacher_entropy"].item() < 1e-3  # one dimension: 0

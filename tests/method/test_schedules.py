@@ -1,0 +1,38 @@
+import math
+
+import pytest
+
+from dinokit.config import TrainConfig
+from dinokit.method.schedules import Schedules, cosine, linear_warmup
+
+
+def test_cosine_with_warmup_matches_formula():
+    total, warmup, base, final = 100, 10, 1.0, 0.01
+    assert cosine(0, total, base, final, warmup) == 0.0
+    assert cosine(5, total, base, final, warmup) == pytest.approx(0.5)
+    assert cosine(warmup, total, base, final, warmup) == pytest.approx(base)
+    for s in (10, 37, 64, 99):
+        progress = (s - warmup) / (total - warmup - 1)
+        assert cosine(s, total, base, final, warmup) == pytest.approx(final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress)))
+    assert cosine(total - 1, total, base, final, warmup) == pytest.approx(final)
+
+
+def test_teacher_temperature_warmup():
+    assert linear_warmup(0, 30, 0.04, 0.07) == 0.04
+    assert linear_warmup(15, 30, 0.04, 0.07) == pytest.approx(0.055)
+    assert linear_warmup(30, 30, 0.04, 0.07) == 0.07 == linear_warmup(500, 30, 0.04, 0.07)
+    assert linear_warmup(0, 0, 0.04, 0.07) == 0.07
+
+
+def test_schedules_of_the_recipe():
+    cfg = TrainConfig(batch_size=512, epochs=100)
+    s = Schedules.from_config(cfg, steps_per_epoch=10)
+    assert s.peak_lr == pytest.approx(0.0005 * 512 / 256)
+    first, warm, last = s.at(0), s.at(100), s.at(999)
+    assert first["lr"] == 0 and warm["lr"] == pytest.approx(s.peak_lr) and last["lr"] == pytest.approx(1e-6)
+    assert first["weight_decay"] == pytest.approx(0.04) and last["weight_decay"] == pytest.approx(0.4)
+    assert first["momentum"] == pytest.approx(0.996) and last["momentum"] == pytest.approx(1.0)
+    assert s.at(150)["teacher_temp"] == pytest.approx(0.055) and s.at(300)["teacher_temp"] == 0.07
+    assert s.at(9)["freeze_last_layer"] == 1.0 and s.at(10)["freeze_last_layer"] == 0.0
+    mid = s.at(500)["momentum"]
+    assert 0.996 < mid < 1.0

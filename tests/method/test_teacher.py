@@ -1,0 +1,30 @@
+import torch
+from torch import nn
+
+from dinokit.method.teacher import make_teacher, update_teacher
+from dinokit.models.vit import vit
+
+
+def test_teacher_is_a_frozen_copy_without_drop_path():
+    student = vit("vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.1)
+    teacher = make_teacher(student)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(b.drop_path == 0 for b in teacher.blocks) and student.blocks[-1].drop_path > 0
+    for a, b in zip(student.state_dict().values(), teacher.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_multi_tensor_ema_equals_per_parameter_formula():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    expected = [0.996 * t + 0.004 * s for t, s in zip(teacher.parameters(), student.parameters())]
+    update_teacher(teacher, student, 0.996)
+    for p, e in zip(teacher.parameters(), expected):
+        assert torch.allclose(p, e, atol=1e-7)
+    update_teacher(teacher, student, 1.0)  # momentum 1: unchanged
+    for p, e in zip(teacher.parameters(), expected):
+        assert torch.allclose(p, e, atol=1e-7)

@@ -1,0 +1,46 @@
+import torch
+from torch import nn
+
+from dinokit.models.head import DINOHead
+from dinokit.models.multicrop import MultiCropModel
+from dinokit.models.vit import vit
+
+
+def test_structure_and_initialisation():
+    head = DINOHead(384, out_dim=1000, hidden_dim=2048, bottleneck_dim=256)
+    kinds = [type(m) for m in head.mlp]
+    assert kinds == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    assert [m.out_features for m in head.mlp if isinstance(m, nn.Linear)] == [2048, 2048, 256]
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in head.modules())
+    for m in head.mlp:
+        if isinstance(m, nn.Linear):
+            assert torch.all(m.bias == 0) and abs(m.weight.std().item() - 0.02) < 0.003
+    assert set(head.state_dict()) == {f"mlp.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")} | {
+        "last_layer.weight_g", "last_layer.weight_v"}
+
+
+def test_weight_norm_formula_and_fixed_gain():
+    head = DINOHead(16, out_dim=10, hidden_dim=32, bottleneck_dim=8)
+    last = head.last_layer
+    assert not last.weight_g.requires_grad and torch.all(last.weight_g == 1)
+    w = last.weight
+    assert torch.allclose(w.norm(dim=1), torch.ones(10), atol=1e-6)
+    x = torch.randn(4, 16)
+    z = nn.functional.normalize(head.mlp(x), dim=-1)
+    assert torch.allclose(head(x), z @ (last.weight_v / last.weight_v.norm(dim=1, keepdim=True)).T, atol=1e-6)
+    head(x).sum().backward()
+    assert last.weight_g.grad is None and last.weight_v.grad is not None
+    free = DINOHead(16, out_dim=10, hidden_dim=32, bottleneck_dim=8, norm_last_layer=False)
+    assert free.last_layer.weight_g.requires_grad
+
+
+def test_multicrop_model_one_backbone_pass_per_resolution():
+    backbone = vit("vit_tiny", patch_size=8, img_size=32).eval()
+    calls = []
+    backbone.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape))
+    model = MultiCropModel(backbone, DINOHead(192, 50, 32, 16))
+    views = [torch.randn(3, 3, 32, 32)] * 2 + [torch.randn(3, 3, 16, 16)] * 4
+    out = model(views)
+    assert out.shape == (18, 50)
+    assert calls == [(6, 3, 32, 32), (12, 3, 16, 16)]
+    assert torch.allclose(out[:3], model.head(backbone(views[0])), atol=1e-5)

@@ -1,0 +1,85 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinokit.models.backbones import UnknownArchError, build_backbone
+from dinokit.models.vit import VisionTransformer, vit
+
+OFFICIAL_KEYS = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+BLOCK_KEYS = {"norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+              "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"}
+
+
+def test_official_key_names_and_sizes():
+    for name, dim, heads in (("vit_tiny", 192, 3), ("vit_small", 384, 6), ("vit_base", 768, 12)):
+        with torch.device("meta"):
+            model = vit(name, patch_size=16)
+        keys = set(model.state_dict())
+        assert keys == OFFICIAL_KEYS | {f"blocks.{i}.{k}" for i in range(12) for k in BLOCK_KEYS}
+        assert model.embed_dim == dim and model.num_heads == heads and model.blocks[0].norm1.eps == 1e-6
+        assert model.blocks[0].mlp.fc1.out_features == 4 * dim
+
+
+def test_outputs_for_square_and_non_square_inputs():
+    model = vit("vit_tiny", patch_size=8, img_size=32).eval()
+    for h, w in ((32, 32), (48, 24), (16, 40)):
+        x = torch.randn(2, 3, h, w)
+        tokens = 1 + (h // 8) * (w // 8)
+        assert model(x).shape == (2, 192)
+        assert model.forward_features(x).shape == (2, tokens, 192)
+        attn = model.get_last_selfattention(x)
+        assert attn.shape == (2, 3, tokens, tokens)
+        assert torch.allclose(attn.sum(-1), torch.ones(2, 3, tokens), atol=1e-5)
+        layers = model.get_intermediate_layers(x, n=4)
+        assert len(layers) == 4 and torch.allclose(layers[-1][:, 0], model(x), atol=1e-5)
+
+
+def test_pos_embed_interpolation_is_bicubic_and_identity_at_native_size():
+    model = vit("vit_tiny", patch_size=4, img_size=16)  # 4 x 4 grid
+    assert model.interpolate_pos_encoding(4, 4) is model.pos_embed
+    pe = model.interpolate_pos_encoding(6, 3)
+    assert pe.shape == (1, 1 + 18, 192)
+    grid = model.pos_embed[:, 1:].reshape(1, 4, 4, 192).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 3), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 18, 192)
+    assert torch.allclose(pe[:, 1:], expected) and torch.equal(pe[:, :1], model.pos_embed[:, :1])
+
+
+def test_sdpa_attention_equals_explicit_softmax():
+    model = vit("vit_tiny", patch_size=8, img_size=32).eval()
+    block = model.blocks[0]
+    x = torch.randn(2, 17, 192)
+    attn = block.attn.attention_map(x)
+    _, _, v = block.attn._qkv(x)
+    explicit = block.attn.proj((attn @ v).transpose(1, 2).flatten(2))
+    assert torch.allclose(block.attn(x), explicit, atol=1e-5)
+
+
+def test_drop_path_rises_linearly_and_is_off_in_eval():
+    model = vit("vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.1)
+    rates = [b.drop_path for b in model.blocks]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, model(x))
+
+
+def test_size_not_multiple_of_patch_is_a_clear_error():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        vit("vit_tiny", patch_size=8, img_size=32)(torch.randn(1, 3, 30, 32))
+
+
+def test_registry_resnet_timm_and_unknown():
+    resnet = build_backbone("resnet18")
+    assert resnet.num_features == 512 and resnet(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    tm = build_backbone("timm:vit_tiny_patch16_224", img_size=32)
+    assert tm.num_features == 192 and tm(torch.randn(2, 3, 32, 32)).shape == (2, 192)
+    assert isinstance(build_backbone("vit_small", patch_size=8, img_size=64), VisionTransformer)
+    with pytest.raises(UnknownArchError, match="vit_small"):
+        build_backbone("vit_giant")
+    with pytest.raises(UnknownArchError, match="timm has no model"):
+        build_backbone("timm:not_a_model")

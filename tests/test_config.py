@@ -1,0 +1,61 @@
+import pytest
+
+from dinokit.config import ConfigError, TrainConfig, parse_overrides, presets
+
+
+def test_defaults_are_the_recipe():
+    cfg = TrainConfig()
+    assert (cfg.arch, cfg.patch_size, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim) == ("vit_small", 16, 65536, 2048, 256)
+    assert (cfg.global_crops_size, cfg.local_crops_size, cfg.local_crops_number) == (224, 96, 8)
+    assert cfg.global_crops_scale == (0.4, 1.0) and cfg.local_crops_scale == (0.05, 0.4)
+    assert (cfg.student_temp, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs) == (0.1, 0.04, 0.07, 30)
+    assert (cfg.momentum_teacher, cfg.momentum_teacher_final, cfg.center_momentum) == (0.996, 1.0, 0.9)
+    assert (cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.weight_decay, cfg.weight_decay_end) == (0.0005, 1e-6, 10, 0.04, 0.4)
+    assert (cfg.clip_grad, cfg.freeze_last_layer, cfg.drop_path_rate, cfg.norm_last_layer) == (3.0, 1, 0.1, True)
+    assert cfg.blur_prob == (1.0, 0.1, 0.5) and cfg.solarize_prob == (0.0, 0.2, 0.0)
+    assert cfg.mean == (0.485, 0.456, 0.406) and cfg.std == (0.229, 0.224, 0.225)
+
+
+def test_presets_load_and_validate():
+    assert {"laptop", "cifar", "paper"} <= set(presets())
+    for name in presets():
+        TrainConfig.build(name)
+    assert TrainConfig.build("paper").batch_size == 1024
+    assert TrainConfig.build("cifar").global_crops_size == 32
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("epochs: 5\nteacher_temp: 0.05\n")
+    cfg = TrainConfig.build(path, parse_overrides(["epochs=300", "teacher_temp=0.07", "knn_k=[5,10]"]))
+    assert cfg.epochs == 300 and cfg.teacher_temp == 0.07 and cfg.knn_k == (5, 10)
+    cfg.to_yaml(tmp_path / "saved.yaml")
+    assert TrainConfig.build(tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"epoch": 3}, "epoch"),                              # unknown key, with a suggestion
+    ({"epochs": "many"}, "epochs"),                       # wrong type
+    ({"momentum_teacher": 1.5}, "momentum_teacher"),      # outside [0, 1]
+    ({"local_crops_size": 256}, "local_crops_size"),      # local larger than global
+    ({"global_crops_size": 100}, "global_crops_size"),    # not a multiple of the patch size
+    ({"global_crops_scale": [0.9, 0.2]}, "global_crops_scale"),
+])
+def test_bad_values_name_the_key(changes, key):
+    with pytest.raises(ConfigError, match=key):
+        TrainConfig.build(None, changes)
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        TrainConfig.build(None, {"epoch": 3})
+
+
+def test_missing_config_file_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no such file and no such preset"):
+        TrainConfig.build("does-not-exist.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["epochs"])

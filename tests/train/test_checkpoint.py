@@ -1,0 +1,53 @@
+import errno
+from fractions import Fraction
+
+import pytest
+import torch
+
+from dinokit.train import checkpoint as ckpt_mod
+from dinokit.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    state = {"teacher": {"w": torch.arange(3.0)}, "step": 7, "args": {"arch": "vit_tiny", "knn_k": [10, 20]}}
+    save_checkpoint(state, tmp_path / "c.pth")
+    back = load_checkpoint(tmp_path / "c.pth")
+    assert back["step"] == 7 and torch.equal(back["teacher"]["w"], torch.arange(3.0))
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.pth"
+    save_checkpoint({"step": 1}, path)
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=f"no space left in {tmp_path}.*MiB needed.*previous checkpoint is intact"):
+        save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_untrusted_pickles_are_refused(tmp_path):
+    torch.save({"obj": Fraction(1, 3)}, tmp_path / "evil.pth")  # any class outside the weights-only allow-list
+    with pytest.raises(CheckpointError, match="trust"):
+        load_checkpoint(tmp_path / "evil.pth")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "x.pth").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    save_checkpoint({"teacher": {"w": torch.ones(2)}}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match="non-finite values in teacher.w"):
+        save_checkpoint({"teacher": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "c.pth")
+    assert torch.equal(load_checkpoint(tmp_path / "c.pth")["teacher"]["w"], torch.ones(2))

@@ -1,0 +1,94 @@
+"""End-to-end runs on a tiny generated data set: outputs, official layout, exact resume."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from dinokit.train import loop
+from dinokit.train.checkpoint import load_checkpoint
+from dinokit.train.loop import train
+from tests.conftest import tiny_config
+
+
+def test_short_run_writes_everything(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, tmp_path / "run", val_fraction=0.25, knn_k=(1, 5), knn_every=1)
+    result = train(cfg)
+    out = tmp_path / "run"
+    assert result.steps == 2 * (48 // 8) and not result.interrupted
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "event" not in r]
+    assert [r["step"] for r in steps] == list(range(12))
+    for key in ("loss", "lr", "weight_decay", "momentum", "teacher_temp", "teacher_entropy", "kl"):
+        assert all(isinstance(r[key], float) for r in steps)
+    assert 0 < steps[0]["teacher_entropy"] <= torch.log(torch.tensor(64.0)).item() + 1e-4
+    assert list((out / "tensorboard").iterdir())
+    knn = json.loads((out / "knn.json").read_text())
+    assert set(knn) == {"untrained", "raw pixels", "epoch 1", "final"}
+    assert all(0 <= knn[n]["5"]["top1"] <= 100 for n in knn)
+
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert {"student", "teacher", "optimizer", "dino_loss", "epoch", "step", "args", "fp16_scaler"} <= set(ckpt)
+    assert all(k.startswith(("module.backbone.", "module.head.")) for k in ckpt["student"])
+    assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
+    assert "backbone.blocks.0.attn.qkv.weight" in ckpt["teacher"] and "head.last_layer.weight_v" in ckpt["teacher"]
+    assert ckpt["dino_loss"]["center"].shape == (1, 64) and ckpt["dino_loss"]["center"].abs().sum() > 0
+    assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "vit_tiny"
+    assert (out / "checkpoint_epoch0002.pth").exists() and not (out / "checkpoint_epoch0001.pth").exists()
+    # The teacher moved towards the student but is not a copy of it.
+    t, s = ckpt["teacher"]["backbone.norm.weight"], ckpt["student"]["module.backbone.norm.weight"]
+    assert not torch.equal(t, s) and not torch.equal(t, torch.ones_like(t))
+
+
+def test_first_epoch_keeps_last_layer_frozen(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, tmp_path / "run", epochs=1, freeze_last_layer=1, norm_last_layer=False)
+    torch.manual_seed(cfg.seed)
+    initial = loop.build_state(cfg, torch.device("cpu")).student.head.last_layer.weight_v.clone()
+    train(cfg)
+    trained = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["student"]["module.head.last_layer.weight_v"]
+    assert torch.equal(initial, trained)
+
+
+def _interrupt_at(monkeypatch, stop_step: int) -> None:
+    """Deliver a real SIGTERM to this process right after training step ``stop_step``."""
+    real_step = loop.train_step
+    calls = {"n": 0}
+
+    def step_then_signal(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+
+
+def test_stopped_and_resumed_run_matches_uninterrupted_run(shapes_dir, tmp_path, monkeypatch):
+    reference = tiny_config(shapes_dir, tmp_path / "straight")
+    train(reference)
+
+    resumed = tiny_config(shapes_dir, tmp_path / "resumed")
+    _interrupt_at(monkeypatch, 4)  # mid-epoch: steps 0-3 done
+    first = train(resumed)
+    assert first.interrupted and first.steps == 4
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pth")["step"] == 4
+    monkeypatch.undo()
+    assert train(resumed).steps == 16
+
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pth")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pth")
+    for part in ("teacher", "student"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+    losses = lambda run: [json.loads(l)["loss"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert losses("straight") == losses("resumed")
+
+
+def test_resume_refuses_a_different_model(shapes_dir, tmp_path):
+    train(tiny_config(shapes_dir, tmp_path / "run", epochs=1))
+    with pytest.raises(loop.TrainingError, match="patch_size"):
+        train(tiny_config(shapes_dir, tmp_path / "run", epochs=1, patch_size=4))

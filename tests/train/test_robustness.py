@@ -1,0 +1,181 @@
+"""Never lose a run: bad images, non-finite losses, SIGTERM and SIGKILL at any moment."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinokit.method.loss import DINOLoss
+from dinokit.train import loop
+from dinokit.train.checkpoint import load_checkpoint
+from dinokit.train.loop import TrainingError, train
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bomb_png(path: Path) -> None:
+    """A valid 1x1 PNG whose header claims 40000 x 40000 pixels (a decompression bomb)."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[16:29]
+    ihdr[0:8] = struct.pack(">II", 40000, 40000)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+def make_messy_folder(root: Path) -> tuple[int, int]:
+    """16 good pictures, 8 odd but readable ones, 4 unreadable ones; returns (total, unreadable)."""
+    rng = np.random.default_rng(0)
+    good = root / "good"
+    good.mkdir(parents=True)
+    for i in range(16):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(good / f"{i}.png")
+    odd = root / "odd"
+    odd.mkdir()
+    Image.new("CMYK", (40, 40), (10, 200, 30, 0)).save(odd / "cmyk.jpg")
+    Image.fromarray((rng.random((40, 40)) * 65535).astype(np.uint16)).save(odd / "sixteen.png")
+    Image.new("P", (40, 40)).save(odd / "palette.png", transparency=0)
+    Image.new("LA", (40, 40)).save(odd / "grey_alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (50, 30), "blue").save(odd / "rotated.jpg", exif=exif)
+    Image.new("RGB", (3, 2), "green").save(odd / "tiny.png")
+    Image.new("RGBA", (40, 40), (1, 2, 3, 4)).save(odd / "alpha.webp")
+    Image.new("1", (40, 40)).save(odd / "bilevel.bmp")
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.png").write_text("definitely not a png")
+    Image.new("RGB", (200, 200), "red").save(bad / "truncated.jpg")
+    (bad / "truncated.jpg").write_bytes((bad / "truncated.jpg").read_bytes()[:300])
+    _bomb_png(bad / "bomb.png")
+    return 16 + 8 + 4, 4
+
+
+def test_bad_images_are_skipped_counted_and_bounded(tmp_path, capsys):
+    total, unreadable = make_messy_folder(tmp_path / "data")
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run", batch_size=total // 2, epochs=2, max_bad_fraction=0.2)
+    assert train(cfg).steps == 4
+    events = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    summaries = [e for e in events if e.get("event") == "bad_images"]
+    assert [(e["epoch"], e["failed"], e["seen"]) for e in summaries] == [(0, unreadable, total), (1, unreadable, total)]
+    err = capsys.readouterr().err
+    for name in ("empty.jpg", "text.png", "truncated.jpg", "bomb.png"):
+        assert name in err
+    assert "cmyk" not in err and "sixteen" not in err
+
+    strict = tiny_config(tmp_path / "data", tmp_path / "strict", batch_size=total // 2, max_bad_fraction=0.1)
+    with pytest.raises(TrainingError, match="4 of 28 images failed to load in epoch 0"):
+        train(strict)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(shapes_dir, tmp_path, monkeypatch):
+    real_forward = DINOLoss.forward
+    poisoned = {2, 3}
+    counter = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        loss, stats = real_forward(self, *args, **kwargs)
+        counter["n"] += 1
+        return (loss * float("nan"), stats) if counter["n"] - 1 in poisoned else (loss, stats)
+
+    monkeypatch.setattr(DINOLoss, "forward", forward)
+    cfg = tiny_config(shapes_dir, tmp_path / "run", epochs=1)
+    assert train(cfg).steps == 6
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [0, 1, 4, 5]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
+
+    poisoned.update(range(100))
+    counter["n"] = 0
+    cfg = tiny_config(shapes_dir, tmp_path / "nan", epochs=2, max_nonfinite_steps=3)
+    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss"):
+        train(cfg)
+    assert not (tmp_path / "nan" / "checkpoint.pth").exists()  # nothing finite to save was ever reached
+
+
+def _launch(cfg_path: Path, extra_env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    return subprocess.Popen([sys.executable, "-m", "dinokit", "train", "--config", str(cfg_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _steps_logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum(1 for l in path.read_text().splitlines() if '"loss"' in l) if path.exists() else 0
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early:\n{proc.stdout.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_sigkill_at_any_moment_loses_nothing(shapes_dir, tmp_path):
+    reference = tiny_config(shapes_dir, tmp_path / "reference", checkpoint_every_steps=1)
+    train(reference)
+
+    killed = tiny_config(shapes_dir, tmp_path / "killed", checkpoint_every_steps=1)
+    cfg_path = tmp_path / "killed.yaml"
+    killed.to_yaml(cfg_path)
+    out = tmp_path / "killed"
+    rng = np.random.default_rng(1)
+    rounds = 0
+    for target in sorted(rng.choice(np.arange(1, 15), size=2, replace=False)):  # kill between steps
+        proc = _launch(cfg_path)
+        _wait_for(lambda: _steps_logged(out) >= target, proc)
+        proc.kill()
+        proc.wait()
+        rounds += 1
+        load_checkpoint(out / "checkpoint.pth")  # always loadable
+    # Kill while a checkpoint write is held open half-way (the temporary file exists, not yet renamed).
+    proc = _launch(cfg_path, {"DINOKIT_TEST_SAVE_PAUSE": "30"})
+    _wait_for(lambda: (out / ".checkpoint.pth.tmp").exists(), proc)
+    before = load_checkpoint(out / "checkpoint.pth")["step"]
+    proc.kill()
+    proc.wait()
+    rounds += 1
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == before
+    proc = _launch(cfg_path)
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+
+    a = load_checkpoint(tmp_path / "reference" / "checkpoint.pth")
+    b = load_checkpoint(out / "checkpoint.pth")
+    assert rounds == 3 and b["step"] == a["step"] == 16
+    for part in ("teacher", "student"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+
+
+def test_sigterm_saves_and_explains_how_to_resume(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, tmp_path / "run", epochs=4)
+    cfg_path = tmp_path / "run.yaml"
+    cfg.to_yaml(cfg_path)
+    proc = _launch(cfg_path)
+    _wait_for(lambda: _steps_logged(tmp_path / "run") >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert f"dinokit train --out {tmp_path / 'run'}" in output
+    step = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["step"]
+    assert 3 <= step < 32
+    assert train(cfg).steps == 32
