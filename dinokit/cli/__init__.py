@@ -99,7 +99,7 @@ def train(config: str | None, overrides: tuple[str, ...], **flags: str | None) -
     cfg = build_train_config(config, flags, overrides)
     result = run_training(cfg)
     if not result.main:  # another process of a distributed run: the main one reports
-        sys.exit(130 if result.interrupted else 0)
+        sys.exit(128 + int(result.stop_signal or 0) if result.interrupted else 0)
     if result.interrupted:
         click.echo(f"dinokit: stopped at step {result.steps}; checkpoint saved. Resume with: "
                    f"dinokit train --out {result.out}", err=True)
@@ -119,5 +119,5 @@ def _print_knn_summary(results: dict) -> None:
 
 
 # Subcommands of the other concerns register themselves on ``main`` when imported.
-for _module in ("viz", "eval", "hub"):
+for _module in ("viz", "eval", "hub", "bench"):
     __import__(f"dinokit.cli.{_module}")

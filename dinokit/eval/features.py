@@ -1,8 +1,12 @@
-"""Batched feature extraction over an image folder, with an optional on-disk cache.
+"""Batched feature extraction over an image folder, with an on-disk cache, and what to extract with.
 
 ``extract_features`` runs a backbone in eval mode over an ``ImageList`` (evaluation transform:
 resize to 256/224 of the crop, centre crop) and returns a ``Features`` of ``N x D`` float32
 CPU features for the N images that decoded (unreadable files are skipped and listed).
+``cached_features`` keys that result by the weights, the feature kind, the crop and the file
+list, so the same evaluation twice computes it once. ``open_source`` turns what a user names
+(a run folder, a checkpoint file, ``pixels`` or ``random:<arch>[/<patch>]``) into a backbone,
+its evaluation defaults and the folder its results and cache go to.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from dinokit.data.datasets import ImageDataset, collate_views
-from dinokit.data.folders import ImageList
+from dinokit.data.folders import DataError, ImageList
 from dinokit.data.transforms import eval_transform
+from dinokit.hub.load import LATEST, open_backbone
+from dinokit.models.backbones import build_backbone, is_vit
 
 
 @dataclass
@@ -90,3 +97,133 @@ def extract_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor
     if cache is not None:
         result.save(cache)
     return result
+
+
+def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: ImageList,
+                    cache_dir: str | Path | None = None, cache_tag: str | None = None, kind: str = "cls",
+                    crop_size: int = 224, mean=None, std=None, **kwargs) -> Features:
+    """``extract_features`` cached in ``cache_dir/<kind>-<key>.pt``.
+
+    The key is a fingerprint of ``cache_tag`` (what identifies the weights), ``kind`` (which
+    feature of the backbone, e.g. ``cls``), the crop size, the normalisation and the file list;
+    without ``cache_dir`` or ``cache_tag`` nothing is cached. ``kwargs`` go to ``extract_features``.
+    """
+    mean = tuple(float(m) for m in (mean if mean is not None else IMAGENET_MEAN))
+    std = tuple(float(s) for s in (std if std is not None else IMAGENET_STD))
+    cache = None
+    if cache_dir is not None and cache_tag is not None:
+        key = fingerprint(cache_tag, kind, crop_size, mean, std, [str(p) for p in images.paths])
+        cache = Path(cache_dir) / f"{kind}-{key}.pt"
+    return extract_features(backbone, images, crop_size, mean, std, cache=cache, **kwargs)
+
+
+def check_label_sets(train_images: ImageList, test_images: ImageList, what: str) -> None:
+    """Both lists labelled, and every test class present in the training data (``DataError`` otherwise).
+
+    Training classes absent from the test data are fine.
+    """
+    train_images.require_labels(what)
+    test_images.require_labels(what)
+    missing = sorted(set(test_images.classes) - set(train_images.classes))
+    if missing:
+        raise DataError(f"{what}: the test data {test_images.root} has classes {missing[:8]}"
+                        f"{' ...' if len(missing) > 8 else ''} that the training data {train_images.root} lacks "
+                        f"(training classes: {', '.join(train_images.classes[:8])}"
+                        f"{' ...' if len(train_images.classes) > 8 else ''})")
+
+
+def relabel(features: Features, images: ImageList, classes: list[str]) -> Features:
+    """``features`` of ``images`` with labels re-indexed from ``images.classes`` to ``classes``."""
+    if images.classes == classes:
+        return features
+    index = torch.tensor([classes.index(c) for c in images.classes], dtype=torch.long)
+    return Features(features.features, index[features.labels], features.paths, features.failed)
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A fingerprint of a file's identity and version: resolved path, size and modification time."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return fingerprint(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass
+class FeatureSource:
+    """A backbone to evaluate, what identifies its weights, its evaluation defaults and its folder.
+
+    ``image_size`` is the crop size (pixels) the backbone was trained for, 224 when unknown;
+    ``mean``/``std`` the normalisation it was trained with. Results go to ``result_path(...)``
+    and cached features to ``cache_dir``, both inside ``home``.
+    """
+
+    backbone: nn.Module = field(repr=False)
+    name: str
+    tag: str
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    home: Path = Path(".")
+    prefix: str = ""
+    which: str | None = None  # teacher | student; None for baselines
+
+    @property
+    def label(self) -> str:
+        """What is evaluated, for people: ``pixels``, ``random:vit_tiny/4``, ``teacher of runs/x``."""
+        return self.name if self.which is None else f"{self.which} of {self.name}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "features"
+
+    def result_path(self, what: str) -> Path:
+        """``home/[<checkpoint stem>.]eval_<what>[_student].json``."""
+        suffix = "_student" if self.which == "student" else ""
+        return self.home / f"{self.prefix}eval_{what}{suffix}.json"
+
+    def check_image_size(self, size: int) -> None:
+        """A ``ConfigError`` when ``size`` is not a whole number of the ViT's patches."""
+        patch = getattr(self.backbone, "patch_size", None)
+        if is_vit(self.backbone) and size % patch:
+            raise ConfigError(f"image size {size} px is not a multiple of the backbone's patch size {patch} "
+                              f"({self.name}); pick e.g. --image-size {max(patch, size // patch * patch)}")
+
+
+def open_source(spec: str | Path, which: str = "teacher", arch: str | None = None, patch_size: int | None = None,
+                trust: bool = False, seed: int = 0, weights: str | Path | None = None) -> FeatureSource:
+    """The backbone named by ``spec``, in eval mode:
+
+    * anything ``dinokit.hub.load.open_backbone`` reads: a run folder, a checkpoint or export
+      file, an official name (``dino_vits16``; ``weights`` for a local copy). Results go to the
+      run folder (``eval_knn.json``), next to a file (``<stem>.eval_knn.json``), or for an
+      official name to ``runs/<name>``;
+    * ``pixels``: the normalised image itself, flattened (``3 * S * S`` features), a baseline;
+    * ``random:<arch>[/<patch>]`` (e.g. ``random:vit_tiny/4``): untrained weights seeded by ``seed``;
+      baselines' results go to ``runs/baseline-<name>``.
+
+    Change ``home`` of the result to put results and the feature cache elsewhere.
+    """
+    spec = str(spec)
+    if spec == "pixels":
+        return FeatureSource(nn.Flatten(), spec, fingerprint("pixels"), home=Path("runs") / "baseline-pixels")
+    if spec.startswith("random:"):
+        arch_name, _, patch = spec.removeprefix("random:").partition("/")
+        if patch and not patch.isdigit():
+            raise ConfigError(f"{spec!r}: expected random:<arch>[/<patch size>], e.g. random:vit_tiny/16")
+        patch_size = int(patch) if patch else (patch_size or 16)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = build_backbone(arch_name, patch_size).eval()
+        slug = f"random-{arch_name.replace(':', '-')}" + (f"-p{patch_size}" if is_vit(backbone) else "")
+        return FeatureSource(backbone, spec, fingerprint("random", arch_name, patch_size, seed),
+                             home=Path("runs") / f"baseline-{slug}")
+
+    loaded = open_backbone(spec, arch, patch_size, which, trust, weights)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        home, prefix = path, ""
+    elif path.exists():
+        home, prefix = path.parent, "" if path.name == LATEST else f"{path.stem}."
+    else:  # an official name
+        home, prefix = Path("runs") / spec, ""
+    return FeatureSource(loaded.model, spec, fingerprint(file_fingerprint(loaded.source), which, arch, patch_size),
+                         loaded.img_size, loaded.mean, loaded.std, home, prefix, which)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dinokit.eval.features import cached_features, check_label_sets, relabel
+
 
 @torch.no_grad()
 def top_k_neighbours(queries: torch.Tensor, memory: torch.Tensor, k: int, query_chunk: int = 1024,
@@ -37,12 +39,16 @@ def top_k_neighbours(queries: torch.Tensor, memory: torch.Tensor, k: int, query_
 @torch.no_grad()
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, ks: tuple[int, ...] | list[int] = (10, 20, 100, 200),
-                 temperature: float = 0.07, num_classes: int | None = None) -> dict[int, dict[str, float]]:
+                 temperature: float = 0.07, num_classes: int | None = None, query_chunk: int = 1024
+                 ) -> dict[int, dict[str, float]]:
     """Top-1 and top-5 accuracy (percent) of weighted k-NN for every ``k`` in ``ks``.
 
     ``train_features`` ``M x D``, ``test_features`` ``Q x D`` (normalised here), labels are
     class indices. ``k`` larger than ``M`` uses the whole memory. Ties in the vote go to the
-    lower class index. Returns ``{k: {"top1": ..., "top5": ...}}``.
+    lower class index (a stable sort); a class no neighbour voted for never counts as a top-5
+    guess. Votes are computed as ``exp((s - s_max) / T)``, the same ranking as ``exp(s / T)``
+    without overflow at small ``T``. Queries go in chunks of ``query_chunk``.
+    Returns ``{k: {"top1": ..., "top5": ...}}``.
     """
     if train_features.shape[0] == 0 or test_features.shape[0] == 0:
         raise ValueError("k-NN needs at least one memory and one query feature")
@@ -52,25 +58,22 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     test_labels = test_labels.long().to(memory.device)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    sims, idx = top_k_neighbours(queries, memory, max(ks))
-    results = {}
-    for k in ks:
-        kk = min(k, sims.shape[1])
-        weights = (sims[:, :kk] / temperature).exp()
-        votes = torch.zeros(queries.shape[0], num_classes, device=memory.device)
-        votes.scatter_add_(1, train_labels[idx[:, :kk]], weights)
-        ranked = _rank_classes(votes)
-        correct = ranked == test_labels[:, None]
-        results[k] = {
-            "top1": 100.0 * correct[:, 0].float().mean().item(),
-            "top5": 100.0 * correct[:, :5].any(dim=1).float().mean().item(),
-        }
-    return results
-
-
-def _rank_classes(votes: torch.Tensor) -> torch.Tensor:
-    """Classes by decreasing vote; equal votes rank the lower class index first (stable sort)."""
-    return torch.sort(votes, dim=1, descending=True, stable=True).indices
+    hits = {k: torch.zeros(2, dtype=torch.long) for k in ks}  # top-1, top-5 counts
+    for q0 in range(0, queries.shape[0], query_chunk):
+        sims, idx = top_k_neighbours(queries[q0:q0 + query_chunk], memory, max(ks), query_chunk)
+        labels = test_labels[q0:q0 + query_chunk, None]
+        for k in ks:
+            kk = min(k, sims.shape[1])
+            neighbour_classes = train_labels[idx[:, :kk]]
+            weights = ((sims[:, :kk] - sims[:, :1]) / temperature).exp()
+            votes = torch.zeros(sims.shape[0], num_classes, device=memory.device)
+            votes.scatter_add_(1, neighbour_classes, weights)
+            voted = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, neighbour_classes, True)
+            ranked = torch.sort(votes, dim=1, descending=True, stable=True).indices
+            correct = (ranked == labels) & voted.gather(1, ranked)
+            hits[k] += torch.stack([correct[:, 0].sum(), correct[:, :5].any(dim=1).sum()]).cpu()
+    n = queries.shape[0]
+    return {k: {"top1": 100.0 * h[0].item() / n, "top5": 100.0 * h[1].item() / n} for k, h in hits.items()}
 
 
 def knn_evaluate(backbone, train_images, test_images, crop_size: int = 224, ks=(10, 20, 100, 200),
@@ -80,30 +83,16 @@ def knn_evaluate(backbone, train_images, test_images, crop_size: int = 224, ks=(
     """Extract features of two labelled ``ImageList``s with ``backbone`` and run ``knn_classify``.
 
     With ``cache_dir`` and ``cache_tag`` (a fingerprint of the weights) the features are cached
-    per image set, so evaluating the same weights on the same data again reads them back.
+    per image set, so evaluating the same weights on the same data again reads them back. Test
+    classes must all occur in the training data (``DataError`` otherwise); their labels are
+    mapped onto the training classes. The neighbour search runs on ``device``.
     """
-    from pathlib import Path
-
-    from dinokit.eval.features import extract_features, fingerprint
-
-    train_images.require_labels("k-NN evaluation")
-    test_images.require_labels("k-NN evaluation")
-    if train_images.classes != test_images.classes:
-        missing = sorted(set(test_images.classes) - set(train_images.classes))
-        if missing:
-            raise ValueError(f"test classes {missing} do not occur in the training data")
-    common = dict(crop_size=crop_size, mean=mean, std=std, batch_size=batch_size, device=device,
-                  num_workers=num_workers, progress=progress)
-    feats = {}
-    for name, images in (("train", train_images), ("test", test_images)):
-        cache = None
-        if cache_dir is not None and cache_tag is not None:
-            key = fingerprint(cache_tag, crop_size, mean, std, [str(p) for p in images.paths])
-            cache = Path(cache_dir) / f"features-{name}-{key}.pt"
-        feats[name] = extract_features(backbone, images, cache=cache, desc=f"k-NN {name} features", **common)
-    test_labels = feats["test"].labels
-    if train_images.classes != test_images.classes:  # map test class indices onto the training ones
-        index = {c: i for i, c in enumerate(train_images.classes)}
-        test_labels = torch.tensor([index[test_images.classes[i]] for i in test_labels.tolist()])
-    return knn_classify(feats["train"].features, feats["train"].labels, feats["test"].features, test_labels,
-                        ks=ks, temperature=temperature, num_classes=len(train_images.classes))
+    check_label_sets(train_images, test_images, "k-NN evaluation")
+    common = dict(cache_dir=cache_dir, cache_tag=cache_tag, kind="cls", crop_size=crop_size, mean=mean, std=std,
+                  batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
+    train = cached_features(backbone, train_images, desc="k-NN train features", **common)
+    test = relabel(cached_features(backbone, test_images, desc="k-NN test features", **common), test_images,
+                   train_images.classes)
+    device = torch.device(device)  # the similarities run where the backbone ran (a GPU if there is one)
+    return knn_classify(train.features.to(device), train.labels, test.features.to(device), test.labels, ks=ks,
+                        temperature=temperature, num_classes=len(train_images.classes))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -21,13 +22,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dinokit.config import TrainConfig
+from dinokit.config import ConfigError, TrainConfig
 from dinokit.data.datasets import ImageDataset, collate_views, sample_seed
 from dinokit.data.folders import DataError, ImageList, scan_folder, split_train_val
 from dinokit.data.public import resolve_data
 from dinokit.data.sampler import TrainingSampler
 from dinokit.data.transforms import MultiCropAugmentation
-from dinokit.eval.knn import knn_evaluate
+from dinokit.eval.features import extract_features
+from dinokit.eval.knn import knn_classify
 from dinokit.method.loss import DINOLoss
 from dinokit.method.schedules import Schedules
 from dinokit.method.teacher import make_teacher, update_teacher
@@ -35,8 +37,12 @@ from dinokit.models.backbones import build_backbone
 from dinokit.models.head import DINOHead
 from dinokit.models.multicrop import MultiCropModel
 from dinokit.train.checkpoint import LATEST, load_checkpoint, save_checkpoint
-from dinokit.train.distributed import DistEnv, init_distributed, resolve_device, shutdown_distributed
-from dinokit.train.monitor import Monitor
+from dinokit.train.distributed import (DistEnv, any_process, check_agreement, fingerprint, gather_features,
+                                       init_distributed, leaders_first, sum_over_processes, lost_peer, lost_peer_error,
+                                       mean_over_processes, resolve_device, shutdown_distributed, sync_batch_norm)
+from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
+                                read_sharded_args, save_sharded, shard)
+from dinokit.train.monitor import Monitor, StallWatch
 from dinokit.train.optim import build_optimizer, clip_gradients, set_hyperparameters
 
 
@@ -48,8 +54,10 @@ class TrainingError(RuntimeError):
 class RunResult:
     out: Path
     steps: int
-    interrupted: bool = False
+    interrupted: bool = False  # stopped by a signal, after saving a checkpoint
     knn: dict = field(default_factory=dict)
+    main: bool = True  # False on the other processes of a distributed run (the main one reports)
+    stop_signal: int | None = None  # the signal that stopped it (SIGINT, SIGTERM)
 
 
 @dataclass
@@ -63,11 +71,12 @@ class DINOState:
     step: int = 0
 
     def state_dict(self, cfg: TrainConfig, steps_per_epoch: int) -> dict:
-        """The official DINO layout (plus ``step``)."""
+        """The official DINO layout (plus ``step``). Sharded (FSDP) networks are gathered onto the
+        main process (a collective), without the optimizer (it is in ``checkpoint.dcp``)."""
         return {
-            "student": {f"module.{k}": v for k, v in self.student.state_dict().items()},
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "student": {f"module.{k}": v for k, v in full_state_dict(self.student).items()},
+            "teacher": full_state_dict(self.teacher),
+            "optimizer": None if is_sharded(self.student) else self.optimizer.state_dict(),
             "dino_loss": self.loss.state_dict(),
             "epoch": self.step // steps_per_epoch,
             "step": self.step,
@@ -90,40 +99,48 @@ def build_state(cfg: TrainConfig, device: torch.device) -> DINOState:
     head = DINOHead(backbone.num_features, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
                     cfg.head_layers, cfg.norm_last_layer)
     student = MultiCropModel(backbone, head).to(device)
-    if backbone.__class__.__name__ == "ResNet" and dist.is_initialized():
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    if dist.is_initialized() and device.type == "cuda":  # batch norm over the global batch (ViTs have none)
+        student = sync_batch_norm(student, cfg.arch)
     teacher = make_teacher(student)
     return DINOState(student, teacher, DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device),
                      build_optimizer(student, device))
 
 
 def train_step(state: DINOState, views: list[torch.Tensor], hp: dict[str, float], cfg: TrainConfig,
-               student: nn.Module, autocast) -> dict[str, torch.Tensor] | None:
+               student: nn.Module, autocast, timer=None) -> dict[str, torch.Tensor] | None:
     """One DINO step on a batch of views (``views[:2]`` global). Returns the step's metrics, or
     ``None`` when the loss or a gradient was not finite (then nothing was updated).
 
-    ``student`` is ``state.student`` or its DDP wrapper.
+    ``student`` is ``state.student`` or its DDP wrapper. ``timer(phase)``, when given, returns a
+    context manager that times each phase of the step (``dinokit bench``).
     """
+    phase = timer or (lambda name: contextlib.nullcontext())
     set_hyperparameters(state.optimizer, hp["lr"], hp["weight_decay"])
     with autocast:
-        with torch.no_grad():
+        with phase("teacher_forward"), torch.no_grad():
             teacher_logits = state.teacher(views[:2])
-        student_logits = student(views)
-    loss, stats = state.loss(student_logits, teacher_logits, hp["teacher_temp"])
+        with phase("student_forward"):
+            student_logits = student(views)
+    with phase("loss"):
+        loss, stats = state.loss(student_logits, teacher_logits, hp["teacher_temp"])
 
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for p in state.student.parameters() if p.requires_grad]
-    grad_norms = clip_gradients(params, cfg.clip_grad)
-    if not bool(torch.isfinite(loss) & torch.isfinite(grad_norms).all()):
+    with phase("backward"):
         state.optimizer.zero_grad(set_to_none=True)
-        return None
-    if hp["freeze_last_layer"]:
-        for p in state.student.head.last_layer.parameters():
-            p.grad = None
-    state.optimizer.step()
-    update_teacher(state.teacher, state.student, hp["momentum"])
-    state.loss.update_center(teacher_logits)
+        loss.backward()
+    with phase("optimizer"):
+        params = [p for p in state.student.parameters() if p.requires_grad]
+        grad_norms = clip_gradients(params, cfg.clip_grad)
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norms).all()):
+            state.optimizer.zero_grad(set_to_none=True)
+            return None
+        if hp["freeze_last_layer"]:
+            for p in state.student.head.last_layer.parameters():
+                p.grad = None
+        state.optimizer.step()
+    with phase("ema"):
+        update_teacher(state.teacher, state.student, hp["momentum"])
+    with phase("centre"):
+        state.loss.update_center(teacher_logits)
     return {"loss": loss.detach(), **stats}
 
 
@@ -177,7 +194,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
     for key in ("arch", "patch_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers",
-                "norm_last_layer", "batch_size", "epochs", "seed", "local_crops_number"):
+                "norm_last_layer", "batch_size", "epochs", "seed", "local_crops_number", "strategy"):
         if key in saved and saved[key] != getattr(cfg, key):
             raise TrainingError(f"{path} was trained with {key}={saved[key]!r}, but this run asks for "
                                 f"{getattr(cfg, key)!r}; pick another --out to start a new run")
@@ -196,11 +213,20 @@ class _Knn:
     def enabled(self) -> bool:
         return self.val_images is not None
 
-    def run(self, name: str, backbone: nn.Module, monitor: Monitor, step: int) -> None:
+    def run(self, name: str, backbone: nn.Module, monitor: Monitor, step: int, env: DistEnv) -> None:
+        """Called on every process: each extracts the features of its share of the images; the
+        main process gathers them, scores and writes."""
         cfg = self.cfg
-        scores = knn_evaluate(backbone, self.train_images, self.val_images, cfg.global_crops_size, cfg.knn_k,
-                              cfg.knn_temperature, cfg.mean, cfg.std, cfg.eval_batch_size, self.device,
-                              progress=monitor.enabled)
+
+        def extract(images: ImageList):
+            return extract_features(backbone, images, cfg.global_crops_size, cfg.mean, cfg.std, cfg.eval_batch_size,
+                                    self.device, progress=monitor.enabled, desc=f"k-NN features ({name})")
+
+        train, val = gather_features(extract, self.train_images, env), gather_features(extract, self.val_images, env)
+        if not env.is_main:
+            return
+        scores = knn_classify(train.features, train.labels, val.features, val.labels, cfg.knn_k, cfg.knn_temperature,
+                              num_classes=len(self.train_images.classes))
         self.results[name] = {str(k): v for k, v in scores.items()}
         self.path.write_text(json.dumps(self.results, indent=1))
         k = 20 if 20 in scores else cfg.knn_k[0]
@@ -215,6 +241,10 @@ def train(cfg: TrainConfig) -> RunResult:
     env = init_distributed(device)
     try:
         return _train(cfg, device, env)
+    except RuntimeError as err:
+        if env.distributed and lost_peer(err):
+            raise lost_peer_error(err, env, cfg.out) from None
+        raise
     finally:
         shutdown_distributed()
 
@@ -223,23 +253,37 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     out = Path(cfg.out)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    train_images, val_images = _split_data(cfg)
+    with leaders_first(env):  # the first process of each node fills a data cache, the others read it
+        train_images, val_images = _split_data(cfg)
     state = build_state(cfg, device)
     ckpt_path = out / LATEST
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        _check_resumable(ckpt.get("args", {}), cfg, ckpt_path)
-        state.load_state_dict(ckpt)
-        del ckpt
-    elif cfg.init:
+    sharded_path = latest_sharded(out / SHARDED) if cfg.strategy == "fsdp" else None
+    resume_from = sharded_path or (ckpt_path if ckpt_path.exists() else None)
+    check_agreement(env, {"config": cfg.to_dict(), "training images": fingerprint(train_images),
+                          "held-out images": fingerprint(val_images), "checkpoint found": str(resume_from)})
+    if resume_from is None and cfg.init:
         from dinokit.hub.load import init_training_state
 
         for line in init_training_state(state, cfg.init):
             if env.is_main:
                 print(line)
+    if cfg.strategy == "fsdp" and env.distributed:
+        shard(state.student, state.teacher, device)
+        state.optimizer = build_optimizer(state.student, device)
+    if sharded_path:
+        _check_resumable(read_sharded_args(sharded_path), cfg, sharded_path)
+        load_sharded(sharded_path, state)
+    elif ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resumable(ckpt.get("args", {}), cfg, ckpt_path)
+        state.load_state_dict(ckpt)
+        del ckpt
     if env.is_main:
         cfg.to_yaml(out / "config.yaml")
 
+    if cfg.batch_size % env.world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) does not split evenly over "
+                          f"{env.world_size} processes; use a multiple of {env.world_size}")
     if len(train_images) < cfg.batch_size:
         raise DataError(f"batch_size {cfg.batch_size} is larger than the {len(train_images)} training images; "
                         f"lower batch_size")
@@ -253,7 +297,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                         collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if workers else None)
     student: nn.Module = state.student
-    if env.distributed:
+    if env.distributed and not is_sharded(state.student):
         student = nn.parallel.DistributedDataParallel(state.student, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         state.student.backbone.compile()
@@ -262,32 +306,41 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
 
     monitor = Monitor(out, schedules.total_steps, state.step, cfg.batch_size, enabled=env.is_main)
     knn = _Knn(cfg, train_images, val_images, out, device)
-    if env.is_main:
-        monitor.write(f"dinokit: {len(train_images)} training images from {train_images.root}"
-                      f"{f', {len(val_images)} held out for k-NN' if val_images else ''}; {cfg.arch}/{cfg.patch_size} "
-                      f"on {device} x {env.world_size}; {steps_per_epoch} steps/epoch x {cfg.epochs} epochs")
-        if knn.enabled and "untrained" not in knn.results:
-            knn.run("untrained", state.teacher.backbone, monitor, state.step)
-            knn.run("raw pixels", nn.Flatten(), monitor, state.step)
+    monitor.write(f"dinokit: {len(train_images)} training images from {train_images.root}"
+                  f"{f', {len(val_images)} held out for k-NN' if val_images else ''}; {cfg.arch}/{cfg.patch_size} "
+                  f"on {device} x {env.world_size} ({cfg.strategy if env.distributed else 'one process'}); "
+                  f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs")
+
+    def knn_backbone() -> nn.Module:  # under FSDP a gathered copy, so each process can run its share
+        return gathered_copy(state.teacher.backbone,
+                             lambda: build_backbone(cfg.arch, cfg.patch_size, cfg.global_crops_size).to(device))
+
+    if knn.enabled and "untrained" not in knn.results:
+        knn.run("untrained", knn_backbone(), monitor, state.step, env)
+        knn.run("raw pixels", nn.Flatten(), monitor, state.step, env)
 
     def checkpoint(tag: str | None = None) -> None:
+        monitor.flush()
+        keep = out / f"checkpoint_{tag}" if tag and cfg.keep_checkpoints else None
+        if cfg.strategy == "fsdp":  # every process writes its shards; loads on any number of processes
+            save_sharded(out / SHARDED, state, cfg.to_dict(), copy_to=keep and keep.with_suffix(".dcp"))
+        payload = state.state_dict(cfg, steps_per_epoch)  # a collective when sharded
         if not env.is_main:
             return
-        monitor.flush()
-        payload = state.state_dict(cfg, steps_per_epoch)
         save_checkpoint(payload, ckpt_path)
-        if tag and cfg.keep_checkpoints:
-            save_checkpoint(payload, out / f"checkpoint_{tag}.pth")
-            kept = sorted(out.glob("checkpoint_epoch*.pth"))
-            for old in kept[:-cfg.keep_checkpoints]:
-                old.unlink(missing_ok=True)
+        if keep:
+            save_checkpoint(payload, keep.with_suffix(".pth"))
+            for suffix in (".pth", ".dcp"):
+                for old in sorted(out.glob(f"checkpoint_epoch*{suffix}"))[:-cfg.keep_checkpoints]:
+                    shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
     bad_in_epoch, seen_in_epoch, nonfinite_run = 0, 0, 0
     interrupted = False
-    with _StopSignal() as stop:
+    with _StopSignal() as stop, StallWatch(monitor.write) as stall:
         waited_since = time.perf_counter()
         for batch in loader:
             data_wait = time.perf_counter() - waited_since
+            stall.tick()
             step = state.step
             epoch = step // steps_per_epoch
             for path in batch.failed:
@@ -297,7 +350,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             hp = schedules.at(step)
             torch.manual_seed(sample_seed(cfg.seed, 1_000_003 + env.rank, step))  # drop path
             metrics = None
-            if len(batch):
+            if not any_process(not len(batch), device):  # all processes step, or none (DDP would hang)
                 views = [v.to(device, non_blocking=True) for v in batch.views]
                 metrics = train_step(state, views, hp, cfg, student, autocast)
             if metrics is None:
@@ -310,13 +363,14 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                         "fp16 overflow, a teacher temperature too low, corrupted images")
             else:
                 nonfinite_run = 0
-                monitor.step(step, epoch, {**metrics, **hp}, data_wait)
+                monitor.step(step, epoch, {**mean_over_processes(metrics), **hp}, data_wait)
             state.step += 1
             if state.step % cfg.log_every == 0:
                 monitor.flush()
 
             end_of_epoch = state.step % steps_per_epoch == 0
             if end_of_epoch:
+                bad_in_epoch, seen_in_epoch = sum_over_processes([bad_in_epoch, seen_in_epoch], device)
                 if bad_in_epoch:
                     monitor.event("bad_images", {"epoch": epoch, "failed": bad_in_epoch, "seen": seen_in_epoch}, step)
                     monitor.write(f"epoch {epoch}: {bad_in_epoch} of {seen_in_epoch} images could not be read")
@@ -325,21 +379,23 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                                             f" more than max_bad_fraction={cfg.max_bad_fraction}; check the data folder")
                 bad_in_epoch = seen_in_epoch = 0
                 checkpoint(f"epoch{epoch + 1:04d}")
-                if env.is_main and knn.enabled and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 \
+                if knn.enabled and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 \
                         and state.step < schedules.total_steps:
-                    knn.run(f"epoch {epoch + 1}", state.teacher.backbone, monitor, state.step)
+                    knn.run(f"epoch {epoch + 1}", knn_backbone(), monitor, state.step, env)
             elif cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                 checkpoint()
-            if stop.received is not None:
+            if any_process(stop.received is not None, device):  # all processes stop at the same step
                 interrupted = True
                 if not end_of_epoch:
                     checkpoint()
                 break
+            stall.tick()  # k-NN and checkpoints above are not waiting for data
             waited_since = time.perf_counter()
 
-    if env.is_main and not interrupted and knn.enabled and "final" not in knn.results:
-        knn.run("final", state.teacher.backbone, monitor, state.step)
+    if not interrupted and knn.enabled and "final" not in knn.results:
+        knn.run("final", knn_backbone(), monitor, state.step, env)
     monitor.close()
     if env.distributed:
         dist.barrier()
-    return RunResult(out, state.step, interrupted, knn.results)
+    return RunResult(out, state.step, interrupted, knn.results, env.is_main,
+                     (stop.received or signal.SIGTERM) if interrupted else None)

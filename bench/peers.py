@@ -1,0 +1,273 @@
+"""The same DINO training step through dinokit, the official DINO code and lightly, side by side.
+
+    python bench/peers.py --official-dino PATH_TO_CLONE [--steps 5] [--out-dim 65536] ...
+
+``PATH_TO_CLONE`` is a checkout of github.com/facebookresearch/dino: its ``vision_transformer``
+(ViT and ``DINOHead``), ``utils`` (``MultiCropWrapper``, parameter groups, per-tensor clipping)
+and ``main_dino.DINOLoss`` are imported from there at run time, and driven by a small loop that
+follows ``main_dino.train_one_epoch`` (its own script needs a distributed launcher). The lightly
+package (``pip install lightly``; not a dinokit dependency) is driven as its DINO benchmark
+does: a timm ViT in ``MaskedVisionTransformerTIMM``, ``DINOProjectionHead``, ``DINOLoss``,
+``update_momentum``. Nothing of either is copied into dinokit.
+
+The workload is the same for all three: the same backbone size, patch, head (hidden 2048,
+bottleneck 256, K prototypes, fixed weight-norm gain), views (random tensors of the same
+shapes, the same for every implementation: the step alone, without the data pipeline),
+batch, drop path 0.1 in the student, AdamW with two weight-decay groups, fp32, all cores.
+Each implementation runs in its own process, so that its peak resident memory is its own.
+Prints images/s, peak RSS and dinokit's ratio to each peer; appends the results to
+``bench/results/<machine>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+IMPLEMENTATIONS = ("dinokit", "official", "lightly")
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(step, steps: int, warmup: int) -> dict:
+    """Run ``step()`` ``warmup`` times, then time ``steps`` runs: seconds per step."""
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return {"step_s": (time.perf_counter() - start) / steps}
+
+
+def views_for(w: dict) -> list[torch.Tensor]:
+    """The random views of the workload (the same tensors for every implementation)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [w["global_size"]] * 2 + [w["local_size"]] * w["local_crops"]
+    return [torch.randn(w["batch_size"], 3, s, s, generator=g) for s in shapes]
+
+
+HYPER = {"lr": 1.25e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp": 0.07, "clip": 3.0}  # mid-run values
+
+
+# --- the three implementations ---------------------------------------------------------------
+
+def run_dinokit(w: dict, steps: int, warmup: int) -> dict:
+    from dinokit.config import TrainConfig
+    from dinokit.train.bench import run_bench
+
+    cfg = TrainConfig.build({
+        "arch": w["arch"], "patch_size": w["patch_size"], "global_crops_size": w["global_size"],
+        "local_crops_size": w["local_size"], "local_crops_number": w["local_crops"], "out_dim": w["out_dim"],
+        "head_hidden_dim": 2048, "head_bottleneck_dim": 256, "batch_size": w["batch_size"], "device": "cpu",
+        "precision": "fp32", "drop_path_rate": 0.1, "compile": w.get("compile", False),
+    })
+    result = run_bench(cfg, steps=steps, warmup=warmup, data="synthetic", measure_data=False, count_flops=False)
+    return {"step_s": result.step_ms / 1000, "phases_ms": result.phases_ms}
+
+
+def run_official(w: dict, steps: int, warmup: int, clone: Path) -> dict:
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(clone))
+    import main_dino
+    import utils
+    import vision_transformer as vits
+
+    # main_dino's DINOLoss all-reduces the centre: a process group of one.
+    store = tempfile.NamedTemporaryFile(prefix="dino-peers-", delete=False)
+    dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    torch.manual_seed(0)
+    arch = getattr(vits, w["arch"])
+    student_backbone = arch(patch_size=w["patch_size"], img_size=[w["global_size"]], drop_path_rate=0.1)
+    embed = student_backbone.embed_dim
+    student = utils.MultiCropWrapper(student_backbone,
+                                     vits.DINOHead(embed, w["out_dim"], use_bn=False, norm_last_layer=True))
+    teacher = utils.MultiCropWrapper(arch(patch_size=w["patch_size"], img_size=[w["global_size"]]),
+                                     vits.DINOHead(embed, w["out_dim"], use_bn=False))
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    ncrops = 2 + w["local_crops"]
+    dino_loss = main_dino.DINOLoss(w["out_dim"], ncrops, 0.04, HYPER["teacher_temp"], 0, 100)
+    optimizer = torch.optim.AdamW(utils.get_params_groups(student))
+    images = views_for(w)
+    epoch = 1  # past the first epoch: the last layer is trained
+
+    def step() -> None:  # main_dino.train_one_epoch without DDP, fp16 scaler and logging
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = HYPER["lr"]
+            if i == 0:
+                group["weight_decay"] = HYPER["weight_decay"]
+        teacher_output = teacher(images[:2])
+        student_output = student(images)
+        loss = dino_loss(student_output, teacher_output, epoch)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError("official: non-finite loss")
+        optimizer.zero_grad()
+        loss.backward()
+        utils.clip_gradients(student, HYPER["clip"])
+        utils.cancel_gradients_last_layer(epoch, student, 1)
+        optimizer.step()
+        with torch.no_grad():
+            m = HYPER["momentum"]
+            for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+
+    try:
+        return time_steps(step, steps, warmup)
+    finally:
+        dist.destroy_process_group()
+        Path(store.name).unlink(missing_ok=True)
+
+
+def run_lightly(w: dict, steps: int, warmup: int) -> dict:
+    try:
+        from lightly.loss import DINOLoss
+        from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTIMM
+        from lightly.models.utils import get_weight_decay_parameters, update_momentum
+    except ImportError:
+        raise SystemExit("lightly is not installed: pip install lightly (it is not a dinokit dependency)")
+    from timm.models.vision_transformer import VisionTransformer
+
+    from dinokit.models.vit import VIT_SIZES
+
+    dim, depth, heads = VIT_SIZES[w["arch"]]
+    torch.manual_seed(0)
+
+    def vit(drop_path: float) -> VisionTransformer:
+        return VisionTransformer(img_size=w["global_size"], patch_size=w["patch_size"], embed_dim=dim, depth=depth,
+                                 num_heads=heads, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path)
+
+    student_backbone = MaskedVisionTransformerTIMM(vit=vit(0.1))
+    student_head = DINOProjectionHead(dim, 2048, 256, w["out_dim"], norm_last_layer=True)
+    teacher_backbone = MaskedVisionTransformerTIMM(vit=vit(0.0))
+    teacher_backbone.load_state_dict(student_backbone.state_dict())
+    teacher_head = DINOProjectionHead(dim, 2048, 256, w["out_dim"], norm_last_layer=True)  # (weight norm: no deepcopy)
+    teacher_head.load_state_dict(student_head.state_dict())
+    for p in [*teacher_backbone.parameters(), *teacher_head.parameters()]:
+        p.requires_grad = False
+    criterion = DINOLoss(w["out_dim"])
+    params, params_no_wd = get_weight_decay_parameters([student_backbone, student_head])
+    optimizer = torch.optim.AdamW([{"params": params, "weight_decay": HYPER["weight_decay"]},
+                                   {"params": params_no_wd, "weight_decay": 0.0}], lr=HYPER["lr"])
+    views = views_for(w)
+    n_views = len(views)
+
+    def student(x: torch.Tensor) -> torch.Tensor:
+        return student_head(student_backbone(x).flatten(start_dim=1))
+
+    def step() -> None:  # lightly's DINO benchmark training_step, with Lightning's optimizer calls
+        update_momentum(student_backbone, teacher_backbone, m=HYPER["momentum"])
+        update_momentum(student_head, teacher_head, m=HYPER["momentum"])
+        global_views, local_views = torch.cat(views[:2]), torch.cat(views[2:])
+        with torch.no_grad():
+            teacher_projections = teacher_head(teacher_backbone(global_views).flatten(start_dim=1))
+        student_projections = torch.cat([student(global_views), student(local_views)])
+        loss = criterion(teacher_out=teacher_projections.chunk(2), student_out=student_projections.chunk(n_views),
+                         teacher_temp=HYPER["teacher_temp"])
+        optimizer.zero_grad()
+        loss.backward()
+        student_head.cancel_last_layer_gradients(current_epoch=1)
+        optimizer.step()
+
+    return time_steps(step, steps, warmup)
+
+
+def worker(name: str, w: dict, steps: int, warmup: int, clone: Path | None) -> dict:
+    torch.set_num_threads(w["threads"])
+    start_rss = peak_rss_mib()
+    if name == "dinokit":
+        out = run_dinokit(w, steps, warmup)
+    elif name == "official":
+        out = run_official(w, steps, warmup, clone)
+    else:
+        out = run_lightly(w, steps, warmup)
+    return {**out, "images_per_s": w["batch_size"] / out["step_s"], "peak_rss_mib": peak_rss_mib(),
+            "rss_after_imports_mib": start_rss}
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--official-dino", type=Path, help="checkout of github.com/facebookresearch/dino")
+    p.add_argument("--only", default=",".join(IMPLEMENTATIONS), help="comma-separated subset of " + ", ".join(IMPLEMENTATIONS))
+    p.add_argument("--arch", default="vit_tiny", choices=("vit_tiny", "vit_small", "vit_base"))
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--global-size", type=int, default=32)
+    p.add_argument("--local-size", type=int, default=16)
+    p.add_argument("--local-crops", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out-dim", type=int, default=65536, help="K, the same for all")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--results", default="bench/results", help="folder of the results files")
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def workload(args: argparse.Namespace) -> dict:
+    return {"arch": args.arch, "patch_size": args.patch_size, "global_size": args.global_size,
+            "local_size": args.local_size, "local_crops": args.local_crops, "batch_size": args.batch_size,
+            "out_dim": args.out_dim, "threads": args.threads, "precision": "fp32", "data": "synthetic"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    w = workload(args)
+    if args.worker:
+        print(json.dumps(worker(args.worker, w, args.steps, args.warmup, args.official_dino)))
+        return 0
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(names) - set(IMPLEMENTATIONS)
+    if unknown:
+        sys.exit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(IMPLEMENTATIONS)}")
+    if "official" in names and not (args.official_dino and (args.official_dino / "main_dino.py").exists()):
+        sys.exit("--official-dino must point at a checkout of github.com/facebookresearch/dino "
+                 "(git clone https://github.com/facebookresearch/dino), or leave it out with --only dinokit,lightly")
+
+    from dinokit.train.bench import describe_machine, save_result
+
+    print(f"workload: {args.arch}/{args.patch_size}, batch {args.batch_size}, views 2x{args.global_size}px + "
+          f"{args.local_crops}x{args.local_size}px, K={args.out_dim}, fp32 on the CPU, {args.threads} threads, "
+          f"{args.steps} timed steps after {args.warmup}")
+    results = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--worker", name, *(argv if argv is not None else sys.argv[1:])]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{name}: failed\n{proc.stderr.strip()[-2000:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[name]
+        print(f"  {name:<9} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:9.0f} ms/step  "
+              f"peak RSS {r['peak_rss_mib']:6.0f} MiB")
+    if "dinokit" in results:
+        for peer in (n for n in results if n != "dinokit"):
+            speed = results["dinokit"]["images_per_s"] / results[peer]["images_per_s"]
+            memory = results["dinokit"]["peak_rss_mib"] / results[peer]["peak_rss_mib"]
+            print(f"  dinokit / {peer}: {speed:.2f}x images/s, {memory:.2f}x peak memory")
+    if results and not args.no_save:
+        record = {"kind": "peers", "machine": describe_machine(torch.device("cpu")), "workload": w,
+                  "steps": args.steps, "warmup": args.warmup, "results": results}
+        print(f"saved to {save_result(record, args.results)}")
+    return 0 if len(results) == len(names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""``dinokit bench``: how fast the real training step runs on this machine, and where its time goes.
+
+``run_bench(cfg, steps)`` builds the networks of ``cfg`` exactly as ``dinokit train`` does and
+drives ``train_step`` (the loop's own step, not a copy) with a phase timer, on batches from the
+real data pipeline (``data="pipeline"``) or on random tensors of the same shapes
+(``data="synthetic"``, the step alone). It measures
+
+- ``images_per_s``: source images per second, each with all its views (``batch_size`` per step);
+- the time split of a step: waiting for data, teacher forward, student forward, loss, student
+  backward, optimizer (clipping and AdamW), EMA, centre (milliseconds per step);
+- peak memory: the process's peak resident set size on the CPU (MiB), the CUDA caching
+  allocator's ``max_memory_allocated`` on a GPU;
+- model FLOPs per step (``torch.utils.flop_counter``) and their share of the device's measured
+  matmul rate (bf16 on GPU, the step's precision on the CPU): the MFU;
+- the data pipeline alone: decode + multi-crop images per second on one core.
+
+Phases are timed with ``time.perf_counter`` on the CPU and with CUDA events on a GPU (no
+synchronisation inside the step; the events are read once at the end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from dinokit.config import ConfigError, TrainConfig
+from dinokit.data.datasets import ImageDataset, collate_views
+from dinokit.data.folders import DataError, scan_folder
+from dinokit.data.public import resolve_data
+from dinokit.data.transforms import MultiCropAugmentation
+from dinokit.train.distributed import resolve_device
+from dinokit.train.loop import _autocast, _num_workers, build_state, train_step
+
+PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "ema", "centre")
+DATA_MODES = ("pipeline", "synthetic")
+
+
+class PhaseTimer:
+    """``with timer("name"): ...`` adds the block's duration to ``name``.
+
+    On the CPU a block is timed with ``perf_counter``. On CUDA a pair of events is recorded on the
+    current stream (GPU time, no host synchronisation); ``seconds()`` synchronises once and adds
+    them up. ``host(name)`` always times on the host: use it for waiting on the data loader.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = defaultdict(float)
+        self._events: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.cuda:
+            with self.host(name):
+                yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._events.append((name, start, end))
+
+    @contextlib.contextmanager
+    def host(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.totals[name] += time.perf_counter() - start
+
+    def seconds(self) -> dict[str, float]:
+        """Total seconds per phase so far."""
+        if self._events:
+            torch.cuda.synchronize()
+            for name, start, end in self._events:
+                self.totals[name] += start.elapsed_time(end) / 1000
+            self._events.clear()
+        return dict(self.totals)
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self._events.clear()
+
+
+@dataclass
+class BenchResult:
+    """One benchmark run; ``to_dict()`` is what goes into the results file."""
+
+    machine: dict
+    workload: dict
+    steps: int
+    images_per_s: float
+    step_ms: float
+    phases_ms: dict[str, float]
+    peak_memory_mib: float
+    memory_kind: str
+    first_step_s: float  # the first step: allocation, and compilation with --compile
+    skipped_steps: int = 0
+    flops_per_step: float | None = None
+    matmul_tflops: float | None = None  # the device's measured matmul rate (dtype in workload)
+    mfu: float | None = None
+    data_images_per_s_per_core: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- the machine ---------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def describe_machine(device: torch.device) -> dict:
+    """CPU model, cores, threads, versions and the accelerator, for the results file."""
+    info = {"cpu": cpu_model(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def machine_slug(machine: dict) -> str:
+    """A file-name-safe name: ``cpu-amd-epyc-2c`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    if "gpu" in machine:
+        name = f"cuda-{machine['gpu']}"
+    else:
+        name = f"cpu-{machine['cpu']}-{machine['cores']}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(MiB, kind): the process's peak RSS on the CPU, the allocator's peak on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10), "peak_rss"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
+    """The best measured rate (FLOP/s) of a square ``size`` matmul in ``dtype`` on ``device``."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    a @ b  # warm-up: kernels picked, memory allocated
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+# --- the workload ----------------------------------------------------------------------------
+
+def default_config(device: torch.device) -> TrainConfig:
+    """A workload sensible for the machine: the laptop preset on a CPU, the paper's ViT-S/16 with
+    its views (2 x 224 px + 10 x 96 px, K = 65536) at batch 128 on a GPU."""
+    if device.type == "cuda":
+        return TrainConfig.build("paper", {"batch_size": 128})
+    return TrainConfig.build("laptop")
+
+
+def view_shapes(cfg: TrainConfig) -> list[tuple[int, int]]:
+    """(count, side) of the views: ``[(2, global), (local_crops_number, local)]``."""
+    shapes = [(2, cfg.global_crops_size)]
+    if cfg.local_crops_number:
+        shapes.append((cfg.local_crops_number, cfg.local_crops_size))
+    return shapes
+
+
+def describe_workload(cfg: TrainConfig, data: str, device: torch.device, workers: int) -> dict:
+    views = " + ".join(f"{n}x{s}px" for n, s in view_shapes(cfg))
+    precision = "bf16" if _autocast_dtype(cfg, device) == torch.bfloat16 else "fp32"
+    return {"arch": cfg.arch, "patch_size": cfg.patch_size, "batch_size": cfg.batch_size, "views": views,
+            "out_dim": cfg.out_dim, "head_hidden_dim": cfg.head_hidden_dim, "precision": precision,
+            "compile": cfg.compile, "data": data if data == "synthetic" else str(resolve_data(cfg.data)),
+            "workers": workers}
+
+
+def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    autocast = _autocast(cfg, device)
+    return autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
+
+
+def synthetic_views(cfg: TrainConfig, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """One batch of random views with the workload's shapes (``batch_size x 3 x S x S`` each)."""
+    g = torch.Generator().manual_seed(seed)
+    views = []
+    for count, side in view_shapes(cfg):
+        views += [torch.randn(cfg.batch_size, 3, side, side, generator=g) for _ in range(count)]
+    return [v.to(device) for v in views]
+
+
+def pipeline_loader(cfg: TrainConfig, workers: int, device: torch.device) -> DataLoader:
+    """The training data pipeline (decode + multi-crop + collate), shuffled, repeating forever."""
+    images = scan_folder(resolve_data(cfg.data))
+    if len(images) < cfg.batch_size:
+        raise DataError(f"batch_size {cfg.batch_size} is larger than the {len(images)} images of {images.root}")
+    dataset = ImageDataset(images, MultiCropAugmentation(cfg), seed=cfg.seed)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers else None, drop_last=True)
+
+
+def measure_pipeline(cfg: TrainConfig, batches: int, workers: int = 0) -> float:
+    """Images per second of the data pipeline alone (each image with all its views).
+
+    ``workers=0`` decodes and crops in this process on one thread: the rate per core.
+    """
+    loader = pipeline_loader(cfg, workers, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)
+    it = iter(loader)
+    try:
+        next(it)  # warm-up: worker start, file cache
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        return batches * cfg.batch_size / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+        del it
+
+
+def _batches(cfg: TrainConfig, data: str, workers: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
+    if data == "synthetic":
+        return itertools.repeat(synthetic_views(cfg, device))
+    return (batch.views for batch in pipeline_loader(cfg, workers, device))
+
+
+def _step_hyperparameters(cfg: TrainConfig) -> dict[str, float]:
+    """The schedules' values in the middle of a run: the last layer trained, peak lr."""
+    return {"lr": cfg.lr * cfg.batch_size / 256, "weight_decay": cfg.weight_decay,
+            "momentum": cfg.momentum_teacher, "teacher_temp": cfg.teacher_temp, "freeze_last_layer": 0.0}
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def count_step_flops(state, views: list[torch.Tensor], cfg: TrainConfig, autocast) -> float:
+    """Model FLOPs of one training step (matmuls, convolutions and attention, forward and
+    backward), counted by ``FlopCounterMode`` while running one real step. The CPU's attention
+    kernel, which the counter does not know, is counted with its formula for the GPU kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    counter = FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    })
+    with counter:
+        train_step(state, views, _step_hyperparameters(cfg), cfg, state.student, autocast)
+    return float(counter.get_total_flops())
+
+
+def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "pipeline",
+              measure_data: bool = True, count_flops: bool = True) -> BenchResult:
+    """Time ``steps`` training steps of ``cfg`` after ``warmup`` untimed ones (see the module doc)."""
+    if data not in DATA_MODES:
+        raise ConfigError(f"data: {data!r} is not one of {', '.join(DATA_MODES)}")
+    if steps < 1 or warmup < 1:
+        raise ConfigError("steps and warmup must be at least 1")
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    workers = 0 if data == "synthetic" else _num_workers(cfg, device)
+    torch.manual_seed(cfg.seed)
+    state = build_state(cfg, device)
+    autocast = _autocast(cfg, device)
+    batches = _batches(cfg, data, workers, device)
+    hp = _step_hyperparameters(cfg)
+
+    flops = None
+    if count_flops:  # one eager step (before any compilation), counted as a warm-up step
+        flops = count_step_flops(state, [v.to(device) for v in next(batches)], cfg, autocast)
+    if cfg.compile:
+        state.student.backbone.compile()
+        state.teacher.backbone.compile()
+
+    timer = PhaseTimer(device)
+    skipped = 0
+    first_step_s = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            timer.reset()
+            skipped = 0
+            start = time.perf_counter()
+        with timer.host("data"):
+            views = [v.to(device, non_blocking=True) for v in next(batches)]
+        t0 = time.perf_counter()
+        skipped += train_step(state, views, hp, cfg, state.student, autocast, timer=timer) is None
+        if i == 0:
+            synchronize(device)
+            first_step_s = time.perf_counter() - t0
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    phases = timer.seconds()
+    memory, memory_kind = peak_memory(device)
+
+    matmul = mfu = None
+    if flops:
+        dtype = torch.bfloat16 if device.type == "cuda" else _autocast_dtype(cfg, device)
+        matmul = matmul_rate(device, dtype)
+        mfu = flops * steps / elapsed / matmul
+    per_core = None
+    if measure_data:
+        per_core = measure_pipeline(cfg, batches=2 if device.type == "cpu" else 4, workers=0)
+    return BenchResult(
+        machine=describe_machine(device),
+        workload=describe_workload(cfg, data, device, workers),
+        steps=steps,
+        images_per_s=steps * cfg.batch_size / elapsed,
+        step_ms=1000 * elapsed / steps,
+        phases_ms={name: 1000 * phases.get(name, 0.0) / steps for name in PHASES},
+        peak_memory_mib=memory,
+        memory_kind=memory_kind,
+        first_step_s=first_step_s,
+        skipped_steps=skipped,
+        flops_per_step=flops,
+        matmul_tflops=matmul / 1e12 if matmul else None,
+        mfu=mfu,
+        data_images_per_s_per_core=per_core,
+    )
+
+
+# --- reporting -------------------------------------------------------------------------------
+
+def results_path(results_dir: str | Path, machine: dict, day: date | None = None) -> Path:
+    """``<results_dir>/<machine>-<YYYY-MM-DD>.json``."""
+    return Path(results_dir) / f"{machine_slug(machine)}-{(day or date.today()).isoformat()}.json"
+
+
+def save_result(record: dict, results_dir: str | Path) -> Path:
+    """Append ``record`` (with ``machine``) to the day's results file of its machine; returns the path.
+
+    The file holds ``{"machine": ..., "runs": [...]}``; each run keeps its own ``machine`` too.
+    """
+    path = results_path(results_dir, record["machine"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {"machine": record["machine"], "runs": []}
+    if path.exists():
+        try:
+            content = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} is not valid JSON ({err}); move it away to start a new file") from None
+    content["runs"].append({"date": date.today().isoformat(), **record})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def format_result(result: BenchResult) -> str:
+    """The human-readable report that ``dinokit bench`` prints."""
+    w, m = result.workload, result.machine
+    device = m.get("gpu", f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads)")
+    lines = [
+        f"dinokit bench: {w['arch']}/{w['patch_size']}, batch {w['batch_size']}, views {w['views']}, "
+        f"K={w['out_dim']}, {w['precision']}{', compiled' if w['compile'] else ''}, data: {w['data']} "
+        f"({w['workers']} workers)",
+        f"device: {device}; torch {m['torch']}",
+        f"  images/s           {result.images_per_s:10.1f}   (source images, each with all its views)",
+        f"  step               {result.step_ms:10.1f} ms  (first step {result.first_step_s:.1f} s)",
+    ]
+    for name in PHASES:
+        ms = result.phases_ms[name]
+        lines.append(f"    {name:<16} {ms:10.1f} ms  {100 * ms / result.step_ms:5.1f}%")
+    kind = "peak RSS" if result.memory_kind == "peak_rss" else "peak CUDA memory allocated"
+    lines.append(f"  memory             {result.peak_memory_mib:10.0f} MiB ({kind})")
+    if result.mfu is not None:
+        lines.append(f"  model FLOPs        {result.flops_per_step / 1e9:10.1f} GFLOP/step; MFU {100 * result.mfu:.1f}% "
+                     f"of the measured {w['precision'] if m.get('gpu') is None else 'bf16'} matmul rate "
+                     f"({result.matmul_tflops:.2f} TFLOP/s)")
+    if result.data_images_per_s_per_core is not None:
+        cores_needed = result.images_per_s / result.data_images_per_s_per_core
+        lines.append(f"  data pipeline      {result.data_images_per_s_per_core:10.1f} images/s per core "
+                     f"(decode + multi-crop); this step needs {cores_needed:.1f} cores to be fed")
+    if result.skipped_steps:
+        lines.append(f"  warning: {result.skipped_steps} steps skipped (non-finite loss or gradient)")
+    return "\n".join(lines)

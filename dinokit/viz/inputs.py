@@ -1,0 +1,106 @@
+"""Images for the pictures: which files, at which size, in which batches.
+
+A ViT needs an image whose sides are multiples of its patch size ``p``. ``fit_to_patches``
+gets there without squashing: it optionally resizes the shorter side to ``image_size``
+(keeping the aspect ratio), then centre-crops each side down to a multiple of ``p`` (at most
+``p - 1`` pixels lost per side) or pads it up with the mean colour. The image it returns is
+exactly what the network sees, so maps drawn over it line up pixel for pixel.
+``batched_forward`` runs a backbone over such images, batching consecutive ones of one size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Literal, TypeVar
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from dinokit.config import IMAGENET_MEAN, IMAGENET_STD
+from dinokit.data.folders import IMAGE_EXTENSIONS, DataError, scan_folder
+
+Fit = Literal["crop", "pad"]
+Key = TypeVar("Key")
+
+
+def image_paths(source: str | Path) -> list[Path]:
+    """One image file, or every image under a folder (recursive, sorted)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataError(f"{path} is not an image file ({', '.join(IMAGE_EXTENSIONS)})")
+        return [path]
+    return scan_folder(path).paths
+
+
+def fit_to_patches(image: Image.Image, patch_size: int, image_size: int | None = None, fit: Fit = "crop",
+                   fill: tuple[float, float, float] = IMAGENET_MEAN) -> Image.Image:
+    """``image`` with both sides a multiple of ``patch_size`` (see the module doc).
+
+    ``image_size`` (pixels) is the shorter side after resizing; None keeps the size. ``fill``
+    is the padding colour in [0, 1] (the normalisation mean: padding is zero for the network).
+    """
+    if image_size is not None:
+        image = TF.resize(image, image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    width, height = image.size
+    p = patch_size
+    if fit == "crop":
+        new_w, new_h = width // p * p, height // p * p
+        if not new_w or not new_h:
+            raise DataError(f"a {width}x{height} px image is smaller than one {p} px patch; "
+                            f"enlarge it (image size) or pad it (fit='pad')")
+        left, top = (width - new_w) // 2, (height - new_h) // 2
+        return image.crop((left, top, left + new_w, top + new_h))
+    if fit == "pad":
+        new_w, new_h = -(-width // p) * p, -(-height // p) * p
+        canvas = Image.new("RGB", (new_w, new_h), tuple(round(255 * c) for c in fill))
+        canvas.paste(image, ((new_w - width) // 2, (new_h - height) // 2))
+        return canvas
+    raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
+
+
+def to_tensor(images: list[Image.Image], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Same-size PIL images -> a normalised batch ``B x 3 x H x W``."""
+    return torch.stack([TF.normalize(TF.to_dtype(TF.to_image(im), torch.float32, scale=True), mean, std)
+                        for im in images])
+
+
+def same_size_batches(items: Iterable[tuple[Key, Image.Image]], batch_size: int) -> Iterator[list[tuple[Key, Image.Image]]]:
+    """Consecutive items grouped into batches of at most ``batch_size`` images of one size, in order."""
+    batch: list[tuple[Key, Image.Image]] = []
+    for item in items:
+        if batch and (len(batch) == batch_size or item[1].size != batch[0][1].size):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+
+@torch.no_grad()
+def batched_forward(backbone: nn.Module, images: Iterable[tuple[Key, Image.Image]],
+                    forward: Callable[[torch.Tensor], torch.Tensor], image_size: int | None = None, fit: Fit = "crop",
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size: int = 8
+                    ) -> Iterator[tuple[list[tuple[Key, Image.Image]], torch.Tensor, tuple[int, int]]]:
+    """``(batch of (key, fitted image), forward(batch tensor), (h, w) patch grid)`` over ``images``.
+
+    Each image is fitted to ``backbone.patch_size`` by ``fit_to_patches``; consecutive images of
+    one size share a call of ``forward`` (a bound method of ``backbone``), on the backbone's
+    device and in eval mode (its mode is restored afterwards).
+    """
+    p = backbone.patch_size
+    device = next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        fitted = ((key, fit_to_patches(image, p, image_size, fit, mean)) for key, image in images)
+        for batch in same_size_batches(fitted, batch_size):
+            pictures = [image for _, image in batch]
+            width, height = pictures[0].size
+            yield batch, forward(to_tensor(pictures, mean, std).to(device)), (height // p, width // p)
+    finally:
+        backbone.train(was_training)

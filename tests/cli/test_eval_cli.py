@@ -1,0 +1,116 @@
+"""`dinokit knn | linear | embed | plot-embeddings` on a tiny generated folder and a tiny checkpoint."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from dinokit.cli import main
+from dinokit.models.vit import vit
+from tests.eval.test_knn import make_folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder whose checkpoint has the official layout: ViT-tiny/8 for 32 px views."""
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    teacher, student = (vit("vit_tiny", patch_size=8, img_size=32).state_dict() for _ in range(2))
+    torch.save({
+        "teacher": {f"backbone.{k}": v for k, v in teacher.items()},
+        "student": {f"module.backbone.{k}": v for k, v in student.items()},
+        "args": {"arch": "vit_tiny", "patch_size": 8, "global_crops_size": 32},
+        "epoch": 1, "step": 8,
+    }, run / "checkpoint.pth")
+    return run
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_knn_writes_results_and_reuses_cached_features(run_dir, shapes_dir):
+    args = ("knn", "--checkpoint", run_dir, "--train-data", shapes_dir, "--val-fraction", 0.25, "--k", 1, 3,
+            "--device", "cpu", "--batch-size", 16)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "k-NN accuracy (%) - teacher of" in result.output and "48 train / 16 test images, 8 classes" in result.output
+    saved = json.loads((run_dir / "eval_knn.json").read_text())
+    assert saved["image_size"] == 32 and list(saved["results"]) == ["1", "3"] and saved["which"] == "teacher"
+    assert f"{saved['results']['3']['top1']:8.2f}" in result.output
+    cache = {p: p.stat().st_mtime_ns for p in (run_dir / "features").iterdir()}
+    assert len(cache) == 2
+
+    again = invoke(*args)
+    assert again.exit_code == 0 and json.loads((run_dir / "eval_knn.json").read_text())["results"] == saved["results"]
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "features").iterdir()} == cache  # nothing recomputed
+
+    os.utime(run_dir / "checkpoint.pth", ns=(10**18, 10**18))  # a new version of the weights
+    assert invoke(*args).exit_code == 0
+    assert len(list((run_dir / "features").iterdir())) == 4
+
+
+def test_linear_probe_of_the_student(run_dir, shapes_dir):
+    result = invoke("linear", "--checkpoint", run_dir, "--which", "student", "--train-data", shapes_dir,
+                    "--val-fraction", 0.25, "--epochs", 2, "--cached-features", "--device", "cpu", "--no-cache")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run_dir / "eval_linear_student.json").read_text())
+    assert saved["feature_dim"] == 4 * 192 and len(saved["history"]) == 2 and not saved["augment"]
+    assert saved["last_top1"] == saved["history"][-1]["top1"] and saved["best_top1"] >= saved["last_top1"]
+    assert f"last top-1 {saved['last_top1']:8.2f}" in result.output
+
+
+def test_baseline_results_go_to_the_out_dir(tmp_path, shapes_dir):
+    result = invoke("knn", "--checkpoint", "pixels", "--image-size", 16, "--train-data", shapes_dir, "--k", 5,
+                    "--out-dir", tmp_path / "baseline", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "baseline" / "eval_knn.json").read_text())
+    assert saved["checkpoint"] == "pixels" and saved["which"] is None and saved["val_fraction"] == 0.2
+    assert saved["results"]["5"]["top1"] > 100 / 8  # the shapes' colours and forms are visible in raw pixels
+
+
+def test_embed_then_plot(run_dir, shapes_dir, tmp_path):
+    out = tmp_path / "emb.npz"
+    result = invoke("embed", "--checkpoint", run_dir, "--data", shapes_dir, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "wrote 64 embeddings of 192 dimensions with labels" in result.output
+    with np.load(out) as data:
+        assert data["features"].shape == (64, 192) and len(set(data["labels"].tolist())) == 8
+    result = invoke("plot-embeddings", out, "--out", tmp_path / "pca.png", "--method", "pca")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "pca.png").size[0] > 100
+
+
+def _bad_inputs(tmp_path, run_dir, shapes_dir):
+    unlabelled = tmp_path / "flat"
+    unlabelled.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(unlabelled / f"{i}.png")
+    other = make_folder(tmp_path / "other", ["red"], per_class=2)
+    not_ckpt = tmp_path / "notes.pth"
+    not_ckpt.write_text("hello")
+    knn = ["knn", "--checkpoint", run_dir, "--train-data", shapes_dir, "--device", "cpu"]
+    return {
+        "needs labels": ["knn", "--checkpoint", run_dir, "--train-data", unlabelled],
+        "has classes ['red'] that the training data": knn + ["--test-data", other],
+        "not a readable checkpoint": ["knn", "--checkpoint", not_ckpt, "--train-data", shapes_dir],
+        "patch_size=16 was asked for": knn + ["--patch-size", 16],
+        "not a multiple of the backbone's patch size 8": knn + ["--image-size", 30],
+        "either --test-data or --val-fraction": knn + ["--test-data", shapes_dir, "--val-fraction", 0.1],
+        "must end in .npz, .pt, .parquet": ["embed", "--checkpoint", "pixels", "--data", shapes_dir,
+                                            "--out", tmp_path / "x.csv"],
+        "not an embeddings file": ["plot-embeddings", not_ckpt.with_suffix(".npz"), "--out", tmp_path / "p.png"],
+    }
+
+
+def test_bad_input_gives_one_clear_line(tmp_path, run_dir, shapes_dir):
+    for message, args in _bad_inputs(tmp_path, run_dir, shapes_dir).items():
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (message, result.output)

@@ -1,0 +1,138 @@
+"""dinokit bench: the phase hook of the training step, the FLOP count, results files and the report."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from dinokit.config import ConfigError, TrainConfig
+from dinokit.data.folders import DataError
+from dinokit.train import bench
+from dinokit.train.loop import build_state, train_step
+
+
+def _cfg(**changes) -> TrainConfig:
+    values = dict(arch="vit_tiny", patch_size=8, global_crops_size=16, local_crops_size=8, local_crops_number=2,
+                  out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, batch_size=2, device="cpu",
+                  drop_path_rate=0.0, num_workers=0)
+    return TrainConfig.build({**values, **changes})
+
+
+class RecordingTimer:
+    def __init__(self):
+        self.names = []
+
+    def __call__(self, name):
+        self.names.append(name)
+        return contextlib.nullcontext()
+
+
+def test_train_step_reports_its_phases_in_order_and_the_timer_changes_nothing():
+    cfg = _cfg()
+    views = bench.synthetic_views(cfg, torch.device("cpu"))
+    hp = bench._step_hyperparameters(cfg)
+    states = []
+    timer = RecordingTimer()
+    for t in (None, timer):
+        torch.manual_seed(0)
+        state = build_state(cfg, torch.device("cpu"))
+        assert train_step(state, views, hp, cfg, state.student, contextlib.nullcontext(), timer=t) is not None
+        states.append(state)
+    assert timer.names == ["teacher_forward", "student_forward", "loss", "backward", "optimizer", "ema", "centre"]
+    assert set(timer.names) < set(bench.PHASES)
+    for a, b in zip(states[0].teacher.state_dict().values(), states[1].teacher.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(states[0].loss.center, states[1].loss.center)
+
+
+def _expected_flops(cfg: TrainConfig) -> int:
+    """Matmul FLOPs of a ViT DINO step by hand: dense layers cost 2x their forward in the
+    backward pass (input and weight gradients), the patch embedding 1x (the images need no
+    gradient), attention 2.5x (the counter's convention: its backward recomputes the scores)."""
+    d, depth, p, b = 192, 12, cfg.patch_size, cfg.batch_size
+    h, bottleneck, k = cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.out_dim
+
+    def backbone(side: int, views: int) -> tuple[int, int, int]:  # (patch conv, dense, attention) forward
+        n = (side // p) ** 2
+        t = n + 1
+        return (views * b * 2 * n * d * 3 * p * p, views * b * depth * 24 * t * d * d,
+                views * b * depth * 4 * t * t * d)
+
+    head = 2 * (d * h + h * h + h * bottleneck + bottleneck * k)
+    g_conv, g_dense, g_attn = backbone(cfg.global_crops_size, 2)
+    l_conv, l_dense, l_attn = backbone(cfg.local_crops_size, cfg.local_crops_number)
+    teacher = g_conv + g_dense + g_attn + 2 * b * head
+    student_conv, student_dense = g_conv + l_conv, g_dense + l_dense + (2 + cfg.local_crops_number) * b * head
+    student = 2 * student_conv + 3 * student_dense + 3.5 * (g_attn + l_attn)
+    return int(teacher + student)
+
+
+def test_step_flops_match_the_hand_count_and_scale_with_the_batch():
+    counts = []
+    for batch in (2, 4):
+        cfg = _cfg(batch_size=batch)
+        state = build_state(cfg, torch.device("cpu"))
+        counts.append(bench.count_step_flops(state, bench.synthetic_views(cfg, torch.device("cpu")), cfg,
+                                             contextlib.nullcontext()))
+        assert counts[-1] == _expected_flops(cfg)
+    assert counts[1] == 2 * counts[0]
+
+
+def test_run_bench_on_synthetic_views():
+    cfg = _cfg()
+    result = bench.run_bench(cfg, steps=2, warmup=1, data="synthetic", measure_data=False)
+    assert result.steps == 2 and result.skipped_steps == 0
+    assert set(result.phases_ms) == set(bench.PHASES)
+    assert sum(result.phases_ms.values()) <= result.step_ms * 1.01  # phases are parts of the step
+    assert result.images_per_s > 0 and result.peak_memory_mib > 100 and result.memory_kind == "peak_rss"
+    assert result.flops_per_step == _expected_flops(cfg)
+    assert 0 < result.mfu and result.matmul_tflops > 0
+    w = result.workload
+    assert (w["views"], w["precision"], w["data"], w["workers"]) == ("2x16px + 2x8px", "fp32", "synthetic", 0)
+    assert result.machine["cores"] >= 1 and result.machine["torch"] == torch.__version__
+    text = bench.format_result(result)
+    for phrase in ("images/s", "teacher_forward", "peak RSS", "MFU"):
+        assert phrase in text
+
+
+def test_run_bench_through_the_data_pipeline(shapes_dir):
+    cfg = _cfg(data=str(shapes_dir), batch_size=4)
+    result = bench.run_bench(cfg, steps=1, warmup=1, count_flops=False)
+    assert result.workload["data"] == str(shapes_dir) and result.workload["workers"] == 0
+    assert result.phases_ms["data"] > 0 and result.data_images_per_s_per_core > 0
+    batch = next(iter(bench.pipeline_loader(cfg, 0, torch.device("cpu"))))
+    assert [tuple(v.shape) for v in batch.views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
+
+
+def test_bad_settings_are_config_errors(shapes_dir):
+    with pytest.raises(ConfigError, match="data"):
+        bench.run_bench(_cfg(), data="webdataset")
+    with pytest.raises(ConfigError, match="steps"):
+        bench.run_bench(_cfg(), steps=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            bench.run_bench(_cfg(device="cuda"))
+    with pytest.raises(DataError, match="larger than"):
+        bench.pipeline_loader(_cfg(data=str(shapes_dir), batch_size=1000), 0, torch.device("cpu"))
+
+
+def test_machine_names_and_results_files(tmp_path):
+    cpu = {"cpu": "AMD EPYC 7B13 64-Core Processor", "cores": 2}
+    gpu = {"cpu": "x", "cores": 16, "gpu": "NVIDIA H100 80GB HBM3"}
+    assert bench.machine_slug(cpu) == "cpu-amd-epyc-7b13-64-core-processor-2c"
+    assert bench.machine_slug(gpu) == "cuda-nvidia-h100-80gb-hbm3"
+    first = bench.save_result({"kind": "a", "machine": cpu}, tmp_path)
+    second = bench.save_result({"kind": "b", "machine": cpu}, tmp_path)
+    assert first == second and first.parent == tmp_path
+    assert first.name.startswith("cpu-amd-epyc-7b13-64-core-processor-2c-20") and first.suffix == ".json"
+    content = json.loads(first.read_text())
+    assert content["machine"] == cpu and [r["kind"] for r in content["runs"]] == ["a", "b"]
+    first.write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        bench.save_result({"kind": "c", "machine": cpu}, tmp_path)
+
+
+def test_describe_machine_on_the_cpu():
+    info = bench.describe_machine(torch.device("cpu"))
+    assert info["cpu"] and info["cores"] == bench.usable_cores() and "gpu" not in info

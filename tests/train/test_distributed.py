@@ -1,0 +1,266 @@
+"""Several processes (``torchrun --nproc-per-node 2``, gloo on the CPU) against one.
+
+The runs are tiny (ViT-tiny/8 on 32 px views, 24 training images, 3 steps per epoch, 2 epochs)
+and deterministic (no drop path, no loader workers), so two processes with the same global
+batch must give the loss, the centre and the teacher of one process to float tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dinokit.config import TrainConfig
+from dinokit.data.builtin import builtin_shapes
+from dinokit.data.sampler import TrainingSampler
+from dinokit.train.distributed import DistEnv, describe_disagreement, first_host, launcher_env
+from dinokit.train.loop import train
+from tests.conftest import tiny_config
+
+STEPS = 6  # 24 training images / batch 8 = 3 steps per epoch, 2 epochs
+RUN = dict(drop_path_rate=0.0, val_fraction=0.25, knn_k=[1, 3], eval_batch_size=4)
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                 "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_NODELIST", "SLURM_JOB_ID")
+
+# Runs `dinokit train` under torchrun with one process misbehaving (see _torchrun's `mode`).
+HARNESS = textwrap.dedent("""
+    import importlib, os, signal, sys
+    loop = importlib.import_module("dinokit.train.loop")
+    from dinokit.cli import main
+
+    mode, rank = sys.argv[1], int(os.environ["RANK"])
+    args = sys.argv[2:]
+    if mode == "disagree" and rank == 1:
+        args.append("lr=0.002")
+    step_of = loop.train_step
+
+    def misbehaving_step(state, *rest):
+        if rank == 1 and state.step == 1:
+            if mode == "die":
+                os._exit(7)
+            if mode == "stop":
+                os.kill(os.getpid(), signal.SIGINT)  # only this process is asked to stop
+        return step_of(state, *rest)
+
+    loop.train_step = misbehaving_step
+    main(args, prog_name="dinokit")
+""")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """The data (8 classes x 4 images, a quarter held out for k-NN) and the YAML config."""
+    root = tmp_path_factory.mktemp("dist")
+    data = builtin_shapes(images_per_class=4, size=32, seed=0, root=root / "data")
+    config = tiny_config(data, root / "unused", **RUN).to_dict()
+    del config["out"]
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return {"root": root, "data": data, "config": root / "config.yaml"}
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+
+
+def _torchrun(setup: dict, out: Path, *args: str, mode: str | None = None, strategy: str = "ddp"
+              ) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 -m dinokit train`` (or the misbehaving harness for ``mode``)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", "localhost:0"]
+    if mode:
+        harness = setup["root"] / "harness.py"
+        harness.write_text(HARNESS)
+        launch += [str(harness), mode]
+    else:
+        launch += ["-m", "dinokit"]
+    command = launch + ["train", "--config", str(setup["config"]), "--data", str(setup["data"]), "--out", str(out),
+                        "--strategy", strategy, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=_clean_env())
+
+
+def _one_process(setup: dict, out: Path, **changes) -> None:
+    values = {**yaml.safe_load(setup["config"].read_text()), "out": str(out), **changes}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each torchrun process; many threads crawl on a busy machine
+    try:
+        train(TrainConfig.build(values))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def _assert_same_run(ours: Path, reference: Path, steps=range(STEPS)) -> None:
+    """Same loss at every step, same centre and teacher at the end, same k-NN scores."""
+    ours_losses, reference_losses = _losses(ours), _losses(reference)
+    assert [ours_losses[s] for s in steps] == pytest.approx([reference_losses[s] for s in steps], rel=1e-5)
+    a, b = (torch.load(run / "checkpoint.pth", weights_only=True) for run in (ours, reference))
+    assert a["step"] == b["step"] == STEPS
+    torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=0, atol=1e-6)
+    assert a["teacher"].keys() == b["teacher"].keys()
+    for key in a["teacher"]:
+        torch.testing.assert_close(a["teacher"][key], b["teacher"][key], rtol=1e-5, atol=1e-6, msg=key)
+    assert json.loads((ours / "knn.json").read_text()) == json.loads((reference / "knn.json").read_text())
+
+
+def _assert_no_worker_traceback(stderr: str) -> None:
+    """Messages, not stack traces, from our processes (torchrun's own summary may hold one)."""
+    frames = [line for line in stderr.splitlines() if line.strip().startswith("File") and "/dinokit/" in line]
+    assert not frames, stderr[-3000:]
+
+
+def _assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(setup) -> Path:
+    """One process, no launcher."""
+    out = setup["root"] / "one"
+    _one_process(setup, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(setup) -> Path:
+    out = setup["root"] / "fsdp"
+    _assert_ok(_torchrun(setup, out, "keep_checkpoints=2", strategy="fsdp"))
+    return out
+
+
+# --- the data order ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_each_image_seen_once_per_epoch_across_processes(world_size):
+    n, batch, steps_per_epoch = 37, 8, 4
+    seen = Counter()
+    for rank in range(world_size):
+        for epoch, index in TrainingSampler(n, batch, 2 * steps_per_epoch, 5, rank, world_size):
+            seen[(epoch, index)] += 1
+    assert set(seen.values()) == {1}
+    assert Counter(epoch for epoch, _ in seen) == {0: steps_per_epoch * batch, 1: steps_per_epoch * batch}
+
+
+def test_resume_on_another_process_count_continues_the_same_batches():
+    one = list(TrainingSampler(40, 8, 10, seed=2))
+    start = 6
+    shares = [list(TrainingSampler(40, 8, 10, 2, rank, 4, start_step=start)) for rank in range(4)]
+    for step in range(start, 10):
+        joined = [item for share in shares for item in share[(step - start) * 2:(step - start + 1) * 2]]
+        assert joined == one[step * 8:(step + 1) * 8]
+
+
+# --- the launcher's environment ---------------------------------------------------------------
+
+def test_launcher_environment(monkeypatch):
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert launcher_env() == DistEnv(0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "0")  # inside an sbatch script but not under srun: one process
+    assert launcher_env() == DistEnv(0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert launcher_env() == DistEnv(5, 8, 1)
+    monkeypatch.setenv("RANK", "3")  # torchrun's variables win (torchrun started by srun)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert launcher_env() == DistEnv(3, 4, 3)
+
+
+@pytest.mark.parametrize("nodes, first", [("gpu[03-05,9],cpu1", "gpu03"), ("node7", "node7"), ("a1,b2", "a1"),
+                                          ("dgx-a100-[12,14]", "dgx-a100-12")])
+def test_first_host_of_a_slurm_node_list(nodes, first):
+    assert first_host(nodes) == first
+
+
+def test_disagreement_names_the_process_and_the_difference():
+    base = {"config": {"lr": 0.001, "epochs": 10}, "training images": "640 images, abc", "checkpoint found": "None"}
+    assert describe_disagreement([base, dict(base), dict(base)]) is None
+    other_data = {**base, "training images": "639 images, def"}
+    assert describe_disagreement([base, dict(base), other_data]) == \
+        "training images is '640 images, abc' on process 0 but '639 images, def' on process 2"
+    other_lr = {**base, "config": {"lr": 0.002, "epochs": 10}}
+    assert describe_disagreement([base, other_lr]) == "config differs (lr=0.001 on process 0 but 0.002 on process 1)"
+
+
+# --- whole runs -------------------------------------------------------------------------------
+
+def test_ddp_two_processes_equal_one_process(setup, reference):
+    out = setup["root"] / "ddp"
+    result = _torchrun(setup, out)
+    _assert_ok(result)
+    assert result.stdout.count("dinokit: done") == 1  # only the main process reports
+    _assert_same_run(out, reference)
+
+
+def test_ddp_run_stopped_on_one_process_resumes_where_it_left_off(setup, reference):
+    out = setup["root"] / "ddp-stopped"
+    stopped = _torchrun(setup, out, mode="stop")  # process 1 alone gets Ctrl-C during step 1
+    assert stopped.returncode != 0
+    assert "stopped at step 2" in stopped.stderr
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2  # both stopped after step 1
+    assert sorted(_losses(out)) == [0, 1]
+    _assert_ok(_torchrun(setup, out))
+    _assert_same_run(out, reference)
+
+
+def test_fsdp_two_processes_equal_one_process(fsdp_run, reference):
+    assert (fsdp_run / "checkpoint.dcp" / ".metadata").exists()
+    assert torch.load(fsdp_run / "checkpoint.pth", weights_only=True)["optimizer"] is None
+    _assert_same_run(fsdp_run, reference)
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(setup, fsdp_run):
+    out = setup["root"] / "fsdp-resumed"
+    shutil.copytree(fsdp_run / "checkpoint_epoch0001.dcp", out / "checkpoint.dcp")  # written by 2 processes
+    knn = json.loads((fsdp_run / "knn.json").read_text())
+    (out / "knn.json").write_text(json.dumps({k: v for k, v in knn.items() if k != "final"}))
+    _one_process(setup, out, strategy="fsdp")
+    assert sorted(_losses(out)) == [3, 4, 5]  # the second epoch only
+    _assert_same_run(out, fsdp_run, steps=range(3, STEPS))
+
+
+# --- clear messages ---------------------------------------------------------------------------
+
+def test_processes_with_different_configs_are_refused(setup):
+    result = _torchrun(setup, setup["root"] / "disagree", mode="disagree")
+    assert result.returncode != 0
+    assert "the 2 processes disagree: config differs (lr=0.0005 on process 0 but 0.002 on process 1)" in result.stderr
+    _assert_no_worker_traceback(result.stderr)
+
+
+def test_a_dead_process_is_reported_by_the_others(setup):
+    result = _torchrun(setup, setup["root"] / "dead", mode="die")
+    assert result.returncode != 0
+    assert "process 0 of 2: lost contact with the other processes" in result.stderr
+    assert "exitcode  : 7" in result.stderr  # torchrun's summary names the process that died
+    _assert_no_worker_traceback(result.stderr)
+
+
+def test_a_rendezvous_that_cannot_form_says_so(setup, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**_clean_env(), "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "DINOKIT_RENDEZVOUS_TIMEOUT": "2"}
+    result = subprocess.run([sys.executable, "-m", "dinokit", "train", "--config", str(setup["config"]), "--data",
+                             str(setup["data"]), "--out", str(tmp_path / "never")], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 1
+    assert f"process 1 of 2: the 2 processes did not meet at 127.0.0.1:{port} within 2 s" in result.stderr
+    assert "Traceback" not in result.stderr

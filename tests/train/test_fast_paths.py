@@ -1,0 +1,141 @@
+"""The fast paths compute what the plain paths compute: bf16 autocast, torch.compile, multi-tensor
+(and, on CUDA, fused) AdamW, CUDA-event phase timing, pinned batches. GPU-only checks skip
+without CUDA. (The multi-tensor EMA is checked in tests/method/test_teacher.py.)"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinokit.config import TrainConfig
+from dinokit.models.head import DINOHead
+from dinokit.models.multicrop import MultiCropModel
+from dinokit.models.vit import VisionTransformer
+from dinokit.train.loop import _autocast, build_state
+from dinokit.train.optim import build_optimizer, param_groups, set_hyperparameters
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _tiny_cfg(**changes) -> TrainConfig:
+    values = dict(arch="vit_tiny", patch_size=8, global_crops_size=16, local_crops_size=8, local_crops_number=2,
+                  out_dim=256, head_hidden_dim=64, head_bottleneck_dim=32, batch_size=4, device="cpu",
+                  drop_path_rate=0.0)
+    return TrainConfig.build({**values, **changes})
+
+
+def _views(cfg: TrainConfig, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    sides = [cfg.global_crops_size] * 2 + [cfg.local_crops_size] * cfg.local_crops_number
+    return [torch.randn(cfg.batch_size, 3, s, s, generator=g).to(device) for s in sides]
+
+
+def _loss_and_grads(precision: str, device: torch.device):
+    cfg = _tiny_cfg(precision=precision, device=str(device))
+    state = build_state(cfg, device)
+    views = _views(cfg, device)
+    with _autocast(cfg, device):
+        teacher_logits = state.teacher(views[:2])
+        student_logits = state.student(views)
+    loss, _ = state.loss(student_logits, teacher_logits, 0.04)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten().float() for p in state.student.parameters() if p.grad is not None])
+    return student_logits.dtype, loss.detach().float(), grads
+
+
+def _check_bf16_matches_fp32(device: torch.device) -> None:
+    dtype32, loss32, grads32 = _loss_and_grads("fp32", device)
+    dtype16, loss16, grads16 = _loss_and_grads("bf16", device)
+    assert dtype32 == torch.float32 and dtype16 == torch.bfloat16  # the bf16 path really ran
+    assert torch.isclose(loss16, loss32, rtol=1e-2), (loss16.item(), loss32.item())
+    assert F.cosine_similarity(grads16, grads32, dim=0) > 0.98
+
+
+def test_bf16_autocast_gives_the_fp32_loss_on_the_cpu():
+    _check_bf16_matches_fp32(torch.device("cpu"))
+
+
+@cuda
+def test_bf16_autocast_gives_the_fp32_loss_on_cuda():
+    _check_bf16_matches_fp32(torch.device("cuda"))
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_auto_precision_is_bf16_on_cuda_only():
+    assert isinstance(_autocast(_tiny_cfg(), torch.device("cuda")), torch.autocast)
+    assert not isinstance(_autocast(_tiny_cfg(), torch.device("cpu")), torch.autocast)
+    assert _autocast(_tiny_cfg(precision="bf16"), torch.device("cpu")).fast_dtype == torch.bfloat16
+
+
+def _reference_adamw(model: nn.Module) -> torch.optim.AdamW:
+    """The plain per-parameter loop implementation, with the same groups."""
+    return torch.optim.AdamW(param_groups(model), lr=0.0, weight_decay=0.0, foreach=False, fused=False)
+
+
+def _check_adamw_matches_reference(device: torch.device) -> None:
+    torch.manual_seed(0)
+    fast_model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3)).to(device)
+    ref_model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3)).to(device)
+    ref_model.load_state_dict(fast_model.state_dict())
+    fast, ref = build_optimizer(fast_model, device), _reference_adamw(ref_model)
+    initial = fast_model[0].weight.detach().clone()
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in fast_model.parameters()]
+        for model, opt in ((fast_model, fast), (ref_model, ref)):
+            set_hyperparameters(opt, lr=0.01 * (step + 1), weight_decay=0.1 * step)
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fast_model.parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(fast_model[0].weight, initial, atol=1e-3)  # the steps did move it
+
+
+def test_multi_tensor_adamw_equals_the_per_parameter_loop():
+    opt = build_optimizer(nn.Linear(2, 2), torch.device("cpu"))
+    assert opt.defaults["foreach"] or opt.defaults["fused"]
+    _check_adamw_matches_reference(torch.device("cpu"))
+
+
+@cuda
+def test_fused_adamw_on_cuda_equals_the_per_parameter_loop():
+    assert build_optimizer(nn.Linear(2, 2).cuda(), torch.device("cuda")).defaults["fused"]
+    _check_adamw_matches_reference(torch.device("cuda"))
+
+
+@pytest.mark.slow  # torch.compile of a forward and a backward takes a minute or more on 2 cores
+def test_compiled_backbone_gives_the_eager_outputs_and_gradients():
+    torch.manual_seed(0)
+    backbone = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    eager = MultiCropModel(backbone, DINOHead(32, 64, 32, 16))
+    compiled = MultiCropModel(VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+                              DINOHead(32, 64, 32, 16))
+    compiled.load_state_dict(eager.state_dict())
+    compiled.backbone.compile()  # as dinokit train --compile: one graph per resolution
+    views = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    outputs = []
+    for model in (eager, compiled):
+        logits = model(views)
+        (logits.square().mean()).backward()
+        outputs.append((logits.detach(), [p.grad for p in model.parameters()]))
+    assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-5)
+    for a, b in zip(outputs[0][1], outputs[1][1]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@cuda
+def test_cuda_phase_timer_and_mfu():
+    from dinokit.train.bench import run_bench
+
+    result = run_bench(_tiny_cfg(device="cuda"), steps=2, warmup=1, data="synthetic", measure_data=False)
+    assert all(result.phases_ms[p] > 0 for p in ("teacher_forward", "student_forward", "backward", "optimizer"))
+    assert result.memory_kind == "cuda_max_memory_allocated" and result.peak_memory_mib > 0
+    assert 0 < result.mfu < 1
+
+
+@cuda
+def test_pipeline_batches_are_pinned_for_cuda(shapes_dir):
+    from dinokit.train.bench import pipeline_loader
+
+    batch = next(iter(pipeline_loader(_tiny_cfg(data=str(shapes_dir), device="cuda"), 0, torch.device("cuda"))))
+    assert all(v.is_pinned() for v in batch.views)
