@@ -13,10 +13,12 @@ does: a timm ViT in ``MaskedVisionTransformerTIMM``, ``DINOProjectionHead``, ``D
 The workload is the same for all three: the same backbone size, patch, head (hidden 2048,
 bottleneck 256, K prototypes, fixed weight-norm gain), views (random tensors of the same
 shapes, the same for every implementation: the step alone, without the data pipeline),
-batch, drop path 0.1 in the student, AdamW with two weight-decay groups, fp32, all cores.
-Each implementation runs in its own process, so that its peak resident memory is its own.
-Prints images/s, peak RSS and dinokit's ratio to each peer; appends the results to
-``bench/results/<machine>-<date>.json``.
+batch, drop path 0.1 in the student, AdamW with two weight-decay groups, fp32, ``--threads``
+threads. ``--only dinokit,dinokit-bf16,official,lightly`` adds dinokit with its bf16 autocast
+(neither peer has a CPU mixed-precision path). Each implementation runs in its own process, so
+that its peak resident memory is its own. Prints images/s, process CPU time per step (the fair
+measure when other programs share the cores), peak RSS and dinokit's ratio to each peer;
+appends the results to ``bench/results/<machine>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -33,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-IMPLEMENTATIONS = ("dinokit", "official", "lightly")
+IMPLEMENTATIONS = ("dinokit", "dinokit-bf16", "official", "lightly")  # dinokit-bf16: its CPU bf16 autocast
+PEERS = ("official", "lightly")
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -43,13 +47,13 @@ def peak_rss_mib() -> float:
 
 
 def time_steps(step, steps: int, warmup: int) -> dict:
-    """Run ``step()`` ``warmup`` times, then time ``steps`` runs: seconds per step."""
+    """Run ``step()`` ``warmup`` times, then time ``steps`` runs: wall and process CPU seconds per step."""
     for _ in range(warmup):
         step()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    return {"step_s": (time.perf_counter() - start) / steps}
+    return {"step_s": (time.perf_counter() - start) / steps, "cpu_s": (time.process_time() - cpu_start) / steps}
 
 
 def views_for(w: dict) -> list[torch.Tensor]:
@@ -64,7 +68,7 @@ HYPER = {"lr": 1.25e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp":
 
 # --- the three implementations ---------------------------------------------------------------
 
-def run_dinokit(w: dict, steps: int, warmup: int) -> dict:
+def run_dinokit(w: dict, steps: int, warmup: int, precision: str = "fp32") -> dict:
     from dinokit.config import TrainConfig
     from dinokit.train.bench import run_bench
 
@@ -72,10 +76,10 @@ def run_dinokit(w: dict, steps: int, warmup: int) -> dict:
         "arch": w["arch"], "patch_size": w["patch_size"], "global_crops_size": w["global_size"],
         "local_crops_size": w["local_size"], "local_crops_number": w["local_crops"], "out_dim": w["out_dim"],
         "head_hidden_dim": 2048, "head_bottleneck_dim": 256, "batch_size": w["batch_size"], "device": "cpu",
-        "precision": "fp32", "drop_path_rate": 0.1, "compile": w.get("compile", False),
+        "precision": precision, "drop_path_rate": 0.1,
     })
     result = run_bench(cfg, steps=steps, warmup=warmup, data="synthetic", measure_data=False, count_flops=False)
-    return {"step_s": result.step_ms / 1000, "phases_ms": result.phases_ms}
+    return {"step_s": result.step_ms / 1000, "cpu_s": result.cpu_ms / 1000, "phases_ms": result.phases_ms}
 
 
 def run_official(w: dict, steps: int, warmup: int, clone: Path) -> dict:
@@ -188,15 +192,15 @@ def run_lightly(w: dict, steps: int, warmup: int) -> dict:
 
 def worker(name: str, w: dict, steps: int, warmup: int, clone: Path | None) -> dict:
     torch.set_num_threads(w["threads"])
-    start_rss = peak_rss_mib()
-    if name == "dinokit":
-        out = run_dinokit(w, steps, warmup)
+    start_rss, start_load = peak_rss_mib(), os.getloadavg()[0]
+    if name.startswith("dinokit"):
+        out = run_dinokit(w, steps, warmup, "bf16" if name == "dinokit-bf16" else "fp32")
     elif name == "official":
         out = run_official(w, steps, warmup, clone)
     else:
         out = run_lightly(w, steps, warmup)
     return {**out, "images_per_s": w["batch_size"] / out["step_s"], "peak_rss_mib": peak_rss_mib(),
-            "rss_after_imports_mib": start_rss}
+            "rss_after_imports_mib": start_rss, "load_average": (start_load, os.getloadavg()[0])}
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -204,7 +208,8 @@ def worker(name: str, w: dict, steps: int, warmup: int, clone: Path | None) -> d
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official-dino", type=Path, help="checkout of github.com/facebookresearch/dino")
-    p.add_argument("--only", default=",".join(IMPLEMENTATIONS), help="comma-separated subset of " + ", ".join(IMPLEMENTATIONS))
+    p.add_argument("--only", default="dinokit,official,lightly",
+                   help="comma-separated, from " + ", ".join(IMPLEMENTATIONS) + " [default: dinokit,official,lightly]")
     p.add_argument("--arch", default="vit_tiny", choices=("vit_tiny", "vit_small", "vit_base"))
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--global-size", type=int, default=32)
@@ -224,7 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def workload(args: argparse.Namespace) -> dict:
     return {"arch": args.arch, "patch_size": args.patch_size, "global_size": args.global_size,
             "local_size": args.local_size, "local_crops": args.local_crops, "batch_size": args.batch_size,
-            "out_dim": args.out_dim, "threads": args.threads, "precision": "fp32", "data": "synthetic"}
+            "out_dim": args.out_dim, "threads": args.threads, "precision": "fp32 (dinokit-bf16: bf16 autocast)",
+            "data": "synthetic"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"workload: {args.arch}/{args.patch_size}, batch {args.batch_size}, views 2x{args.global_size}px + "
           f"{args.local_crops}x{args.local_size}px, K={args.out_dim}, fp32 on the CPU, {args.threads} threads, "
-          f"{args.steps} timed steps after {args.warmup}")
+          f"{args.steps} timed steps after {args.warmup}", flush=True)
     results = {}
     for name in names:
         cmd = [sys.executable, __file__, "--worker", name, *(argv if argv is not None else sys.argv[1:])]
@@ -255,13 +261,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[name]
-        print(f"  {name:<9} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:9.0f} ms/step  "
-              f"peak RSS {r['peak_rss_mib']:6.0f} MiB")
-    if "dinokit" in results:
-        for peer in (n for n in results if n != "dinokit"):
-            speed = results["dinokit"]["images_per_s"] / results[peer]["images_per_s"]
-            memory = results["dinokit"]["peak_rss_mib"] / results[peer]["peak_rss_mib"]
-            print(f"  dinokit / {peer}: {speed:.2f}x images/s, {memory:.2f}x peak memory")
+        print(f"  {name:<12} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
+              f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
+              f"load {r['load_average'][0]:.1f}->{r['load_average'][1]:.1f}", flush=True)
+    for ours in (n for n in results if n.startswith("dinokit")):
+        for peer in (n for n in results if n in PEERS):
+            speed = results[ours]["images_per_s"] / results[peer]["images_per_s"]
+            memory = results[ours]["peak_rss_mib"] / results[peer]["peak_rss_mib"]
+            cpu = results[peer]["cpu_s"] / results[ours]["cpu_s"]
+            print(f"  {ours} / {peer}: {speed:.2f}x images/s ({cpu:.2f}x by CPU time), {memory:.2f}x peak memory")
     if results and not args.no_save:
         record = {"kind": "peers", "machine": describe_machine(torch.device("cpu")), "workload": w,
                   "steps": args.steps, "warmup": args.warmup, "results": results}

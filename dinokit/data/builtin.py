@@ -1,10 +1,10 @@
 """The built-in data set: labelled pictures of shapes, generated on first use and cached.
 
-Each image holds one shape of a class (circle, square, triangle, ...) with a random colour,
-size, position and rotation, over a random background (a two-colour gradient with noise and
-stripes) and a few distracting strokes. Colour and position say nothing about the class, so a
-network only scores well on k-NN if it has learned shape: a fair first test of DINO that needs
-no download. The images are written once as PNG files in class folders under the cache
+Each image holds one shape of a class (circle, square, triangle, ...) with a random colour
+(from a palette shared by all classes), size, position and rotation, over a random background
+(a noisy two-colour gradient). Colour and position say nothing about the class, so a network
+only scores well on k-NN if it has learned shape: a fair first test of DINO that needs no
+download. The images are written once as PNG files in class folders under the cache
 (``$DINOKIT_CACHE``, default ``~/.cache/dinokit``) and then read like any user folder.
 """
 
@@ -20,7 +20,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent")
-VERSION = 1
+VERSION = 2
+# Colours come from a small palette shared by all classes: many images share a colour, so
+# colour cannot tell one image from all others, and DINO has to look at shape.
+PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (250, 250, 250), (20, 20, 20))
 
 
 def cache_dir() -> Path:
@@ -60,10 +64,7 @@ def draw_shape_image(shape: str, size: int, rng: np.random.Generator) -> Image.I
     big = size * scale
     img = _background(big, rng)
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(0, 4)):  # distractor strokes
-        xy = rng.uniform(0, big, size=4).tolist()
-        draw.line(xy, fill=_colour(rng), width=int(rng.integers(scale, 3 * scale)))
-    radius = rng.uniform(0.22, 0.42) * big
+    radius = rng.uniform(0.25, 0.45) * big
     cx, cy = rng.uniform(radius * 0.8, big - radius * 0.8, size=2)
     angle = rng.uniform(0, 2 * math.pi)
     colour = _colour(rng)
@@ -72,22 +73,17 @@ def draw_shape_image(shape: str, size: int, rng: np.random.Generator) -> Image.I
 
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.integers(0, 256, size=3))
+    return PALETTE[rng.integers(len(PALETTE))]
 
 
 def _background(size: int, rng: np.random.Generator) -> Image.Image:
-    a, b = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
+    a, b = (np.array(PALETTE[i], dtype=np.float32) * 0.5 + 64 for i in rng.integers(len(PALETTE), size=2))
     theta = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     t = (np.cos(theta) * xx + np.sin(theta) * yy)
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     pixels = a * (1 - t[..., None]) + b * t[..., None]
-    if rng.random() < 0.5:  # stripes
-        freq = rng.uniform(4, 16)
-        phi = rng.uniform(0, 2 * math.pi)
-        stripes = np.sin(2 * math.pi * freq * (np.sin(theta) * xx - np.cos(theta) * yy) + phi)
-        pixels += rng.uniform(10, 40) * stripes[..., None]
-    pixels += rng.normal(0, rng.uniform(2, 20), size=pixels.shape)
+    pixels += rng.normal(0, rng.uniform(2, 15), size=pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 

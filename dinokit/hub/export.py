@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import torch
 
-from dinokit.eval.embed import _require
 from dinokit.hub.load import METADATA_FILE, LoadedBackbone, open_backbone
 from dinokit.models.backbones import RESNETS
 from dinokit.models.vit import VIT_SIZES
@@ -95,6 +94,8 @@ def _write_torchscript(loaded: LoadedBackbone, out: Path) -> dict[str, Any]:
 
 
 def _write_onnx(loaded: LoadedBackbone, out: Path) -> dict[str, Any]:
+    from dinokit.eval.embed import _require  # raises MissingExtraError naming the extra
+
     _require("onnx", "onnx", "export")
     ort = _require("onnxruntime", "onnxruntime", "export")
     file = out / "backbone.onnx"

@@ -77,5 +77,6 @@ def official_file(name: str, weights: str | Path | None = None, progress: bool =
     except Exception as err:  # no network, proxy, HTTP error: all end the same way for the user
         raise CheckpointError(
             f"could not download {name} from {entry.url} ({type(err).__name__}: {err}). Download the file "
-            f"elsewhere and pass it with weights=PATH (or place it at {path})") from None
+            f"elsewhere and pass it with weights=PATH (--weights PATH on the command line) or place it at "
+            f"{path}") from None
     return path

@@ -30,7 +30,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 from typing import Iterator
@@ -104,6 +104,7 @@ class BenchResult:
     steps: int
     images_per_s: float
     step_ms: float
+    cpu_ms: float  # CPU time of this process per step, all threads: ~ threads x step_ms when the cores are its own
     phases_ms: dict[str, float]
     peak_memory_mib: float
     memory_kind: str
@@ -113,7 +114,7 @@ class BenchResult:
     matmul_tflops: float | None = None  # the device's measured matmul rate (dtype in workload)
     mfu: float | None = None
     data_images_per_s_per_core: float | None = None
-    extra: dict = field(default_factory=dict)
+    load_average: tuple[float, float] | None = None  # the machine's 1-minute load, before and after
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +130,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes; above the core count the cores are shared)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def usable_cores() -> int:
@@ -313,11 +319,12 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    load_before = load_average()
     workers = 0 if data == "synthetic" else _num_workers(cfg, device)
+    batches = _batches(cfg, data, workers, device)  # first: a bad data folder fails fast
     torch.manual_seed(cfg.seed)
     state = build_state(cfg, device)
     autocast = _autocast(cfg, device)
-    batches = _batches(cfg, data, workers, device)
     hp = _step_hyperparameters(cfg)
 
     flops = None
@@ -335,7 +342,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
             synchronize(device)
             timer.reset()
             skipped = 0
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         with timer.host("data"):
             views = [v.to(device, non_blocking=True) for v in next(batches)]
         t0 = time.perf_counter()
@@ -344,7 +351,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
             synchronize(device)
             first_step_s = time.perf_counter() - t0
     synchronize(device)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     phases = timer.seconds()
     memory, memory_kind = peak_memory(device)
 
@@ -362,6 +369,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         steps=steps,
         images_per_s=steps * cfg.batch_size / elapsed,
         step_ms=1000 * elapsed / steps,
+        cpu_ms=1000 * cpu / steps,
         phases_ms={name: 1000 * phases.get(name, 0.0) / steps for name in PHASES},
         peak_memory_mib=memory,
         memory_kind=memory_kind,
@@ -371,6 +379,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         matmul_tflops=matmul / 1e12 if matmul else None,
         mfu=mfu,
         data_images_per_s_per_core=per_core,
+        load_average=(load_before, load_average()),
     )
 
 
@@ -411,7 +420,8 @@ def format_result(result: BenchResult) -> str:
         f"({w['workers']} workers)",
         f"device: {device}; torch {m['torch']}",
         f"  images/s           {result.images_per_s:10.1f}   (source images, each with all its views)",
-        f"  step               {result.step_ms:10.1f} ms  (first step {result.first_step_s:.1f} s)",
+        f"  step               {result.step_ms:10.1f} ms  (first step {result.first_step_s:.1f} s; process CPU time "
+        f"{result.cpu_ms / result.step_ms:.2f} x wall time with {m['torch_threads']} threads)",
     ]
     for name in PHASES:
         ms = result.phases_ms[name]
@@ -426,6 +436,10 @@ def format_result(result: BenchResult) -> str:
         cores_needed = result.images_per_s / result.data_images_per_s_per_core
         lines.append(f"  data pipeline      {result.data_images_per_s_per_core:10.1f} images/s per core "
                      f"(decode + multi-crop); this step needs {cores_needed:.1f} cores to be fed")
+    if result.load_average and result.load_average[0] is not None:
+        busy = max(result.load_average) > m["cores"] + 0.5
+        lines.append(f"  load average       {result.load_average[0]:6.1f} -> {result.load_average[1]:.1f} on {m['cores']} "
+                     f"cores{': other programs shared the cores, the figures are low' if busy else ''}")
     if result.skipped_steps:
         lines.append(f"  warning: {result.skipped_steps} steps skipped (non-finite loss or gradient)")
     return "\n".join(lines)

@@ -5,8 +5,9 @@ any browser without a server.
 
 * a summary and the k-NN table (``knn.json``),
 * the training curves from ``metrics.jsonl``: loss, KL(teacher || student), teacher entropy
-  (with ln K, the uniform-collapse level), teacher temperature, lr, weight decay, teacher
-  momentum, and k-NN top-1 over training (with the untrained network and raw pixels),
+  (with ln K, its value when the output collapses to uniform; collapse onto one prototype takes
+  it to 0), teacher temperature, lr, weight decay, teacher momentum, and k-NN top-1 over
+  training (from the untrained network on, with raw pixels as a line to beat),
 * the augmented views (``views.png``, written by ``dinokit train`` at the start of a run),
 * attention maps of a few held-out (else training) images from the run's data, for ViTs, with
   the shorter side at twice the global-view size (the official visualisations use 480 px for 224),
@@ -166,7 +167,6 @@ def _curves_section(steps: list[dict], events: list[dict], config: dict[str, Any
         if key == "teacher_entropy":
             ln_k = math.log(_setting(config, "out_dim"))
             ax.axhline(ln_k, color="grey", ls="--", lw=1, label=f"ln K = {ln_k:.2f} (uniform)")
-            ax.axhline(0, color="grey", ls=":", lw=1, label="0 (one prototype)")
             ax.legend(fontsize=7)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)

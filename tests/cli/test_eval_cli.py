@@ -35,6 +35,22 @@ def invoke(*args):
     return result
 
 
+def test_where_results_go(run_dir, tmp_path):
+    import shutil
+
+    from dinokit.eval.features import open_source
+
+    folder = open_source(run_dir)
+    assert folder.result_path("knn") == run_dir / "eval_knn.json" and folder.cache_dir == run_dir / "features"
+    assert folder.image_size == 32 and folder.label == f"teacher of {run_dir}"
+    assert open_source(run_dir / "checkpoint.pth").result_path("knn") == run_dir / "eval_knn.json"
+    copy = tmp_path / "epoch3.pth"
+    shutil.copy(run_dir / "checkpoint.pth", copy)
+    student = open_source(copy, which="student")
+    assert student.result_path("linear") == tmp_path / "epoch3.eval_linear_student.json"
+    assert student.tag != open_source(copy).tag != folder.tag
+
+
 def test_knn_writes_results_and_reuses_cached_features(run_dir, shapes_dir):
     args = ("knn", "--checkpoint", run_dir, "--train-data", shapes_dir, "--val-fraction", 0.25, "--k", 1, 3,
             "--device", "cpu", "--batch-size", 16)

@@ -68,25 +68,14 @@ def _expected_flops(cfg: TrainConfig) -> int:
     return int(teacher + student)
 
 
-def test_step_flops_match_the_hand_count_and_scale_with_the_batch():
-    counts = []
-    for batch in (2, 4):
-        cfg = _cfg(batch_size=batch)
-        state = build_state(cfg, torch.device("cpu"))
-        counts.append(bench.count_step_flops(state, bench.synthetic_views(cfg, torch.device("cpu")), cfg,
-                                             contextlib.nullcontext()))
-        assert counts[-1] == _expected_flops(cfg)
-    assert counts[1] == 2 * counts[0]
-
-
 def test_run_bench_on_synthetic_views():
     cfg = _cfg()
-    result = bench.run_bench(cfg, steps=2, warmup=1, data="synthetic", measure_data=False)
-    assert result.steps == 2 and result.skipped_steps == 0
+    result = bench.run_bench(cfg, steps=1, warmup=1, data="synthetic", measure_data=False)
+    assert result.steps == 1 and result.skipped_steps == 0
     assert set(result.phases_ms) == set(bench.PHASES)
     assert sum(result.phases_ms.values()) <= result.step_ms * 1.01  # phases are parts of the step
     assert result.images_per_s > 0 and result.peak_memory_mib > 100 and result.memory_kind == "peak_rss"
-    assert result.flops_per_step == _expected_flops(cfg)
+    assert result.flops_per_step == _expected_flops(cfg)  # FlopCounterMode, with the CPU attention kernel
     assert 0 < result.mfu and result.matmul_tflops > 0
     w = result.workload
     assert (w["views"], w["precision"], w["data"], w["workers"]) == ("2x16px + 2x8px", "fp32", "synthetic", 0)

@@ -1,0 +1,97 @@
+"""`dinokit bench` and `python bench/peers.py` on tiny workloads; bad input gives one line."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dinokit.cli import main
+
+TINY = ["--arch", "vit_tiny", "--patch-size", "8", "--global-size", "16", "--local-size", "8", "--local-crops", "2",
+        "--batch-size", "2", "--out-dim", "64", "--device", "cpu", "head_hidden_dim=32", "head_bottleneck_dim=16"]
+PEERS = Path(__file__).resolve().parents[2] / "bench" / "peers.py"
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, ["bench", *[str(a) for a in args]])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_bench_prints_and_saves_the_step(tmp_path):
+    result = invoke("--synthetic", "--steps", "1", "--warmup", "1", "--results", tmp_path, *TINY)
+    assert result.exit_code == 0, result.output
+    for phrase in ("vit_tiny/8, batch 2, views 2x16px + 2x8px, K=64, fp32", "images/s", "backward", "peak RSS",
+                   "MFU", "saved to"):
+        assert phrase in result.output
+    files = list(tmp_path.glob("cpu-*.json"))
+    assert len(files) == 1
+    run = json.loads(files[0].read_text())["runs"][0]
+    assert run["kind"] == "train_step" and run["workload"]["data"] == "synthetic" and run["images_per_s"] > 0
+
+
+def test_data_only_measures_the_pipeline_per_core(shapes_dir, tmp_path):
+    result = invoke("--data-only", "--data", shapes_dir, "--workers", "0", "--steps", "4", "--json", "--no-save",
+                    *TINY)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["kind"] == "data_pipeline" and record["images_per_s_per_core"] > 0
+    assert record["workload"]["data"] == str(shapes_dir) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "steps"),
+    (["--data", "/no/such/folder"], "/no/such/folder"),
+    (["--arch", "vit_huge"], "vit_huge"),
+    (["--patch-size", "5"], "patch_size"),
+])
+def test_bad_input_is_one_line(args, message, tmp_path):
+    result = invoke("--no-save", *TINY, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_missing_cuda_is_one_line():
+    result = invoke("--no-save", *TINY[:-4], "--device", "cuda")
+    assert result.exit_code == 2 and "CUDA" in result.output
+
+
+def _peers(*args, tmp_path):
+    tiny = ["--patch-size", "8", "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--batch-size", "2",
+            "--out-dim", "64", "--steps", "1", "--warmup", "1", "--threads", "1", "--results", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(PEERS.parents[1])}
+    return subprocess.run([sys.executable, str(PEERS), *tiny, *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_peers_runs_dinokit_and_lightly_side_by_side(tmp_path):
+    """lightly only where it is installed (it is not a dinokit dependency)."""
+    with_lightly = importlib.util.find_spec("lightly") is not None
+    proc = _peers("--only", "dinokit,lightly" if with_lightly else "dinokit", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "dinokit" in proc.stdout and "images/s" in proc.stdout
+    assert ("dinokit / lightly" in proc.stdout) == with_lightly
+    run = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]
+    assert run["kind"] == "peers" and run["results"]["dinokit"]["images_per_s"] > 0
+    assert ("lightly" in run["results"]) == with_lightly
+
+
+def test_peers_needs_the_official_clone(tmp_path):
+    proc = _peers("--only", "official", "--official-dino", tmp_path, tmp_path=tmp_path)
+    assert proc.returncode != 0 and "facebookresearch/dino" in proc.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("DINOKIT_OFFICIAL_DINO"),
+                    reason="set DINOKIT_OFFICIAL_DINO to a checkout of github.com/facebookresearch/dino")
+def test_peers_runs_the_official_code(tmp_path):
+    proc = _peers("--only", "dinokit,official", "--official-dino", os.environ["DINOKIT_OFFICIAL_DINO"],
+                  tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "dinokit / official" in proc.stdout
