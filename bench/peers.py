@@ -28,6 +28,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,21 +69,31 @@ HYPER = {"lr": 1.25e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp":
 
 # --- the three implementations ---------------------------------------------------------------
 
-def run_dinokit(w: dict, steps: int, warmup: int, precision: str = "fp32") -> dict:
+def build_dinokit(w: dict, precision: str = "fp32"):
+    """dinokit's own training step (``dinokit.train.loop.train_step``) on the workload."""
     from dinokit.config import TrainConfig
-    from dinokit.train.bench import run_bench
+    from dinokit.train.bench import _step_hyperparameters
+    from dinokit.train.loop import _autocast, build_state, train_step
 
     cfg = TrainConfig.build({
         "arch": w["arch"], "patch_size": w["patch_size"], "global_crops_size": w["global_size"],
         "local_crops_size": w["local_size"], "local_crops_number": w["local_crops"], "out_dim": w["out_dim"],
         "head_hidden_dim": 2048, "head_bottleneck_dim": 256, "batch_size": w["batch_size"], "device": "cpu",
-        "precision": precision, "drop_path_rate": 0.1,
+        "precision": precision, "drop_path_rate": 0.1, "lr": HYPER["lr"] * 256 / w["batch_size"],
+        "weight_decay": HYPER["weight_decay"], "momentum_teacher": HYPER["momentum"],
+        "teacher_temp": HYPER["teacher_temp"], "clip_grad": HYPER["clip"],
     })
-    result = run_bench(cfg, steps=steps, warmup=warmup, data="synthetic", measure_data=False, count_flops=False)
-    return {"step_s": result.step_ms / 1000, "cpu_s": result.cpu_ms / 1000, "phases_ms": result.phases_ms}
+    state = build_state(cfg, torch.device("cpu"))
+    autocast, hp, views = _autocast(cfg, torch.device("cpu")), _step_hyperparameters(cfg), views_for(w)
+
+    def step() -> None:
+        if train_step(state, views, hp, cfg, state.student, autocast) is None:
+            raise RuntimeError("dinokit: non-finite loss")
+
+    return step
 
 
-def run_official(w: dict, steps: int, warmup: int, clone: Path) -> dict:
+def build_official(w: dict, clone: Path):
     import torch.distributed as dist
 
     sys.path.insert(0, str(clone))
@@ -110,7 +121,7 @@ def run_official(w: dict, steps: int, warmup: int, clone: Path) -> dict:
     images = views_for(w)
     epoch = 1  # past the first epoch: the last layer is trained
 
-    def step() -> None:  # main_dino.train_one_epoch without DDP, fp16 scaler and logging
+    def step() -> None:  # main_dino.train_one_epoch without DDP, fp16 scaler and logging (one process)
         for i, group in enumerate(optimizer.param_groups):
             group["lr"] = HYPER["lr"]
             if i == 0:
@@ -130,14 +141,11 @@ def run_official(w: dict, steps: int, warmup: int, clone: Path) -> dict:
             for param_q, param_k in zip(student.parameters(), teacher.parameters()):
                 param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
 
-    try:
-        return time_steps(step, steps, warmup)
-    finally:
-        dist.destroy_process_group()
-        Path(store.name).unlink(missing_ok=True)
+    Path(store.name).unlink(missing_ok=True)  # the group is set up; the process ends with the run
+    return step
 
 
-def run_lightly(w: dict, steps: int, warmup: int) -> dict:
+def build_lightly(w: dict):
     try:
         from lightly.loss import DINOLoss
         from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTIMM
@@ -187,23 +195,31 @@ def run_lightly(w: dict, steps: int, warmup: int) -> dict:
         student_head.cancel_last_layer_gradients(current_epoch=1)
         optimizer.step()
 
-    return time_steps(step, steps, warmup)
+    return step
 
 
 def worker(name: str, w: dict, steps: int, warmup: int, clone: Path | None) -> dict:
     torch.set_num_threads(w["threads"])
     start_rss, start_load = peak_rss_mib(), os.getloadavg()[0]
     if name.startswith("dinokit"):
-        out = run_dinokit(w, steps, warmup, "bf16" if name == "dinokit-bf16" else "fp32")
+        step = build_dinokit(w, "bf16" if name == "dinokit-bf16" else "fp32")
     elif name == "official":
-        out = run_official(w, steps, warmup, clone)
+        step = build_official(w, clone)
     else:
-        out = run_lightly(w, steps, warmup)
+        step = build_lightly(w)
+    out = time_steps(step, steps, warmup)
     return {**out, "images_per_s": w["batch_size"] / out["step_s"], "peak_rss_mib": peak_rss_mib(),
             "rss_after_imports_mib": start_rss, "load_average": (start_load, os.getloadavg()[0])}
 
 
 # --- the driver ------------------------------------------------------------------------------
+
+def summarise(runs: list[dict], batch_size: int) -> dict:
+    """The median step time (wall and CPU) over rounds, the largest peak memory."""
+    step_s = statistics.median(r["step_s"] for r in runs)
+    return {"step_s": step_s, "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+            "images_per_s": batch_size / step_s, "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -219,6 +235,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dim", type=int, default=65536, help="K, the same for all")
     p.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the implementations this many times, in alternating order, and take the median: "
+                        "fairer where other programs share the cores")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--results", default="bench/results", help="folder of the results files")
     p.add_argument("--no-save", action="store_true")
@@ -252,18 +271,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {args.arch}/{args.patch_size}, batch {args.batch_size}, views 2x{args.global_size}px + "
           f"{args.local_crops}x{args.local_size}px, K={args.out_dim}, fp32 on the CPU, {args.threads} threads, "
           f"{args.steps} timed steps after {args.warmup}", flush=True)
-    results = {}
-    for name in names:
-        cmd = [sys.executable, __file__, "--worker", name, *(argv if argv is not None else sys.argv[1:])]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(f"{name}: failed\n{proc.stderr.strip()[-2000:]}", file=sys.stderr)
-            continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[name]
-        print(f"  {name:<12} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
-              f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
-              f"load {r['load_average'][0]:.1f}->{r['load_average'][1]:.1f}", flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        for name in (names if round_ % 2 == 0 else names[::-1]):
+            cmd = [sys.executable, __file__, "--worker", name, *(argv if argv is not None else sys.argv[1:])]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"{name}: failed\n{proc.stderr.strip()[-2000:]}", file=sys.stderr)
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[name].append(r)
+            print(f"  {name:<12} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
+                  f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
+                  f"load {r['load_average'][0]:.1f}->{r['load_average'][1]:.1f}", flush=True)
+    results = {name: summarise(rs, args.batch_size) for name, rs in runs.items() if rs}
+    if args.rounds > 1:
+        print(f"median of {args.rounds} rounds:")
+        for name, r in results.items():
+            print(f"  {name:<12} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
+                  f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak RSS {r['peak_rss_mib']:6.0f} MiB")
     for ours in (n for n in results if n.startswith("dinokit")):
         for peer in (n for n in results if n in PEERS):
             speed = results[ours]["images_per_s"] / results[peer]["images_per_s"]
@@ -272,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {ours} / {peer}: {speed:.2f}x images/s ({cpu:.2f}x by CPU time), {memory:.2f}x peak memory")
     if results and not args.no_save:
         record = {"kind": "peers", "machine": describe_machine(torch.device("cpu")), "workload": w,
-                  "steps": args.steps, "warmup": args.warmup, "results": results}
+                  "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "results": results,
+                  "all_runs": runs}
         print(f"saved to {save_result(record, args.results)}")
-    return 0 if len(results) == len(names) else 1
+    return 0 if all(len(rs) == args.rounds for rs in runs.values()) else 1
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ class TrainConfig(BaseModel):
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: every epoch only)")
     keep_checkpoints: int = Field(1, ge=0, description="epoch checkpoints kept besides the latest")
     max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
+    report: bool = Field(True, description="write views.png at the start and report.html at the end of the run")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":

@@ -25,7 +25,7 @@ def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
         data=str(data), out=str(out), arch="vit_tiny", patch_size=8, global_crops_size=32, local_crops_size=16,
         local_crops_number=2, out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32, batch_size=8, epochs=2,
         warmup_epochs=1, warmup_teacher_temp_epochs=1, val_fraction=0.0, device="cpu", num_workers=0,
-        log_every=1, eval_batch_size=32, drop_path_rate=0.1,
+        log_every=1, eval_batch_size=32, drop_path_rate=0.1, report=False,
     )
     values.update(changes)
     return TrainConfig.build(values)

@@ -315,6 +315,10 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
         return gathered_copy(state.teacher.backbone,
                              lambda: build_backbone(cfg.arch, cfg.patch_size, cfg.global_crops_size).to(device))
 
+    if env.is_main and cfg.report and state.step == 0:
+        from dinokit.viz.views import save_views_grid
+
+        save_views_grid(cfg, train_images, out / "views.png")
     if knn.enabled and "untrained" not in knn.results:
         knn.run("untrained", knn_backbone(), monitor, state.step, env)
         knn.run("raw pixels", nn.Flatten(), monitor, state.step, env)
@@ -395,6 +399,10 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     if not interrupted and knn.enabled and "final" not in knn.results:
         knn.run("final", knn_backbone(), monitor, state.step, env)
     monitor.close()
+    if env.is_main and cfg.report and not interrupted:
+        from dinokit.viz.report import write_report
+
+        print(f"dinokit: report {write_report(out)}")
     if env.distributed:
         dist.barrier()
     return RunResult(out, state.step, interrupted, knn.results, env.is_main,

@@ -14,7 +14,7 @@ from tests.conftest import tiny_config
 
 
 def test_short_run_writes_everything(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, tmp_path / "run", val_fraction=0.25, knn_k=(1, 5), knn_every=1)
+    cfg = tiny_config(shapes_dir, tmp_path / "run", val_fraction=0.25, knn_k=(1, 5), knn_every=1, report=True)
     result = train(cfg)
     out = tmp_path / "run"
     assert result.steps == 2 * (48 // 8) and not result.interrupted
@@ -25,6 +25,7 @@ def test_short_run_writes_everything(shapes_dir, tmp_path):
         assert all(isinstance(r[key], float) for r in steps)
     assert 0 < steps[0]["teacher_entropy"] <= torch.log(torch.tensor(64.0)).item() + 1e-4
     assert list((out / "tensorboard").iterdir())
+    assert (out / "views.png").stat().st_size > 0 and "<img" in (out / "report.html").read_text()
     knn = json.loads((out / "knn.json").read_text())
     assert set(knn) == {"untrained", "raw pixels", "epoch 1", "final"}
     assert all(0 <= knn[n]["5"]["top1"] <= 100 for n in knn)
