@@ -441,7 +441,7 @@ def format_result(result: BenchResult) -> str:
     if result.data_images_per_s_per_core is not None:
         cores_needed = result.images_per_s / result.data_images_per_s_per_core
         lines.append(f"  data pipeline      {result.data_images_per_s_per_core:10.1f} images/s per core "
-                     f"(decode + multi-crop); this step needs {cores_needed:.1f} cores to be fed")
+                     f"(decode + multi-crop); this step needs {cores_needed:.2f} cores to be fed")
     if result.load_average and result.load_average[0] is not None:
         busy = max(result.load_average) > m["cores"] + 0.5
         lines.append(f"  load average       {result.load_average[0]:6.1f} -> {result.load_average[1]:.1f} on {m['cores']} "
