@@ -26,7 +26,8 @@ from dinokit.data.folders import ImageList
 from dinokit.eval.features import Features, extract_features
 
 FORMATS = (".npz", ".pt", ".parquet")
-METHODS = ("tsne", "umap", "pca")
+METHOD_NAMES = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}
+METHODS = tuple(METHOD_NAMES)
 
 
 class MissingExtraError(ImportError):
@@ -168,7 +169,7 @@ def plot_embeddings(embeddings: Embeddings, out: str | Path, method: str = "tsne
             ax.legend(markerscale=3, fontsize=8, loc="best", frameon=False)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title or f"{method.upper()} of {len(rows)} embeddings")
+    ax.set_title(title or f"{METHOD_NAMES[method]} of {len(rows)} embeddings")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dinokit.cli import main
 from dinokit.models.vit import vit
-from tests.eval.test_knn import make_folder
+from tests.eval.test_knn import COLOURS, make_folder
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +82,14 @@ def test_linear_probe_of_the_student(run_dir, shapes_dir):
     assert f"last top-1 {saved['last_top1']:8.2f}" in result.output
 
 
-def test_baseline_results_go_to_the_out_dir(tmp_path, shapes_dir):
-    result = invoke("knn", "--checkpoint", "pixels", "--image-size", 16, "--train-data", shapes_dir, "--k", 5,
+def test_baseline_results_go_to_the_out_dir(tmp_path):
+    data = make_folder(tmp_path / "colours", COLOURS, per_class=5)
+    result = invoke("knn", "--checkpoint", "pixels", "--image-size", 16, "--train-data", data, "--k", 3,
                     "--out-dir", tmp_path / "baseline", "--device", "cpu")
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "baseline" / "eval_knn.json").read_text())
     assert saved["checkpoint"] == "pixels" and saved["which"] is None and saved["val_fraction"] == 0.2
-    assert saved["results"]["5"]["top1"] > 100 / 8  # the shapes' colours and forms are visible in raw pixels
+    assert saved["test_images"] == 3 and saved["results"]["3"]["top1"] == 100.0  # one colour per class
 
 
 def test_embed_then_plot(run_dir, shapes_dir, tmp_path):
