@@ -235,7 +235,8 @@ def embed(checkpoint, which, image_size, arch, patch_size, batch_size, device, n
           data, out) -> None:
     """Write one feature row per image (with its path and label) to an .npz, .pt or .parquet file."""
     from dinokit.data.folders import scan_folder
-    from dinokit.eval.embed import FORMATS, MissingExtraError, embed_images
+    from dinokit.eval.embed import FORMATS, embed_images
+    from dinokit.extras import MissingExtraError
 
     if Path(out).suffix.lower() not in FORMATS:
         raise UserError(f"--out {out}: the file name must end in {', '.join(FORMATS)}")
@@ -264,7 +265,8 @@ def embed(checkpoint, which, image_size, arch, patch_size, batch_size, device, n
 @friendly_errors
 def plot_embeddings_command(embeddings_file, out, method, max_points, seed) -> None:
     """Draw a file written by `dinokit embed` in 2-D (t-SNE, UMAP or PCA), coloured by label."""
-    from dinokit.eval.embed import Embeddings, MissingExtraError, plot_embeddings
+    from dinokit.eval.embed import Embeddings, plot_embeddings
+    from dinokit.extras import MissingExtraError
 
     try:
         embeddings = Embeddings.load(embeddings_file)

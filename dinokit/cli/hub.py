@@ -25,7 +25,7 @@ def export(source: str, fmt: str, out: str, which: str, weights: str | None, tru
     Writes the model file and backbone.json (architecture, patch and image size, feature width,
     normalisation) into --out.
     """
-    from dinokit.eval.embed import MissingExtraError
+    from dinokit.extras import MissingExtraError
     from dinokit.hub.export import export_backbone
 
     try:

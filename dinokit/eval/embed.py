@@ -24,24 +24,11 @@ import torch
 
 from dinokit.data.folders import ImageList
 from dinokit.eval.features import Features, extract_features
+from dinokit.extras import require
 
 FORMATS = (".npz", ".pt", ".parquet")
 METHOD_NAMES = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}
 METHODS = tuple(METHOD_NAMES)
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency is not installed; the message names the pip command."""
-
-
-def _require(module: str, package: str, extra: str = "embed"):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(f"this needs the '{package}' package: pip install 'dinokit[{extra}]' "
-                                f"(or pip install {package})") from None
 
 
 @dataclass
@@ -85,8 +72,8 @@ class Embeddings:
         elif suffix == ".pt":
             torch.save({"features": torch.from_numpy(self.features), "paths": self.paths, "labels": self.labels}, tmp)
         else:
-            pd = _require("pandas", "pandas")
-            _require("pyarrow", "pyarrow")
+            pd = require("pandas", "pandas", "embed")
+            require("pyarrow", "pyarrow", "embed")
             columns = {"path": self.paths}
             if self.labels is not None:
                 columns["label"] = self.labels
@@ -110,7 +97,7 @@ class Embeddings:
             data = torch.load(path, map_location="cpu", weights_only=True)
             return cls(data["features"].numpy(), list(data["paths"]), data.get("labels"))
         if suffix == ".parquet":
-            pd = _require("pandas", "pandas")
+            pd = require("pandas", "pandas", "embed")
             frame = pd.read_parquet(path)
             labels = frame["label"].tolist() if "label" in frame else None
             return cls(np.stack(frame["embedding"].to_numpy()), frame["path"].tolist(), labels)
@@ -126,13 +113,13 @@ def project_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.
         raise ValueError(f"unknown projection {method!r}; use one of {', '.join(METHODS)}")
     x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     if method == "umap":
-        umap = _require("umap", "umap-learn")
+        umap = require("umap", "umap-learn", "embed")
         return umap.UMAP(n_components=2, n_neighbors=min(15, len(x) - 1), metric="cosine",
                          random_state=seed).fit_transform(x)
-    decomposition = _require("sklearn.decomposition", "scikit-learn")
+    decomposition = require("sklearn.decomposition", "scikit-learn", "embed")
     if method == "pca":
         return decomposition.PCA(n_components=2, random_state=seed).fit_transform(x)
-    manifold = _require("sklearn.manifold", "scikit-learn")
+    manifold = require("sklearn.manifold", "scikit-learn", "embed")
     if x.shape[1] > 50 and len(x) > 50:
         x = decomposition.PCA(n_components=50, random_state=seed).fit_transform(x)
     return manifold.TSNE(n_components=2, perplexity=min(30.0, (len(x) - 1) / 3), init="pca",

@@ -94,10 +94,10 @@ def _write_torchscript(loaded: LoadedBackbone, out: Path) -> dict[str, Any]:
 
 
 def _write_onnx(loaded: LoadedBackbone, out: Path) -> dict[str, Any]:
-    from dinokit.eval.embed import _require  # raises MissingExtraError naming the extra
+    from dinokit.extras import require
 
-    _require("onnx", "onnx", "export")
-    ort = _require("onnxruntime", "onnxruntime", "export")
+    require("onnx", "onnx", "export")
+    ort = require("onnxruntime", "onnxruntime", "export")
     file = out / "backbone.onnx"
     axes = {"images": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}}
     # The TorchScript-based exporter follows the ViT's shape arithmetic symbolically, so image

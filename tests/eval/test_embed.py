@@ -9,7 +9,8 @@ from PIL import Image
 from torch import nn
 
 from dinokit.data.folders import scan_folder
-from dinokit.eval.embed import Embeddings, MissingExtraError, embed_images, plot_embeddings, project_2d
+from dinokit.eval.embed import Embeddings, embed_images, plot_embeddings, project_2d
+from dinokit.extras import MissingExtraError
 from tests.eval.test_knn import COLOURS, make_folder
 
 
