@@ -7,6 +7,7 @@ written as JSON next to the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -98,13 +99,27 @@ def _open(checkpoint: str, which: str, arch: str | None, patch_size: int | None,
     return source, size
 
 
-def _device(spec: str):
+def _device(spec: str, local_rank: int = 0):
     from dinokit.train.distributed import resolve_device
 
     try:
-        return resolve_device(spec)
+        return resolve_device(spec, local_rank)
     except (ValueError, RuntimeError) as err:
         raise UserError(f"--device {spec}: {err}") from None
+
+
+@contextlib.contextmanager
+def _processes(spec: str):
+    """``(device, DistEnv)``: under torchrun or srun the process group is joined for the command's
+    duration (each process extracts a share of the features); otherwise one process."""
+    from dinokit.train.distributed import init_distributed, launcher_env, shutdown_distributed
+
+    device = _device(spec, launcher_env().local_rank)
+    env = init_distributed(device)
+    try:
+        yield device, env
+    finally:
+        shutdown_distributed()
 
 
 def _workers(num_workers: int | None, device) -> int:
@@ -164,10 +179,12 @@ def knn(checkpoint, which, image_size, arch, patch_size, batch_size, device, num
     start = time.perf_counter()
     source, size = _open(checkpoint, which, arch, patch_size, weights, trust_checkpoint, image_size, out_dir, seed)
     train, test, split = _labelled_data(train_data, test_data, val_fraction, seed)
-    dev = _device(device)
-    scores = knn_evaluate(source.backbone, train, test, size, ks, temperature, source.mean, source.std, batch_size,
-                          dev, _workers(num_workers, dev), progress=True,
-                          cache_dir=None if no_cache else source.cache_dir, cache_tag=source.tag)
+    with _processes(device) as (dev, env):
+        scores = knn_evaluate(source.backbone, train, test, size, ks, temperature, source.mean, source.std,
+                              batch_size, dev, _workers(num_workers, dev), progress=True,
+                              cache_dir=None if no_cache else source.cache_dir, cache_tag=source.tag, env=env)
+    if scores is None:  # not process 0: it reports
+        return
     seconds = time.perf_counter() - start
     path = source.result_path("knn")
     _write_json(path, {
@@ -243,9 +260,12 @@ def embed(checkpoint, which, image_size, arch, patch_size, batch_size, device, n
     start = time.perf_counter()
     source, size = _open(checkpoint, which, arch, patch_size, weights, trust_checkpoint, image_size)
     images = scan_folder(data)
-    dev = _device(device)
-    embeddings = embed_images(source.backbone, images, size, source.mean, source.std, batch_size=batch_size,
-                              device=dev, num_workers=_workers(num_workers, dev), desc="embeddings")
+    with _processes(device) as (dev, env):
+        embeddings = embed_images(source.backbone, images, size, source.mean, source.std, env=env,
+                                  batch_size=batch_size, device=dev, num_workers=_workers(num_workers, dev),
+                                  desc="embeddings")
+    if embeddings is None:  # not process 0: it writes the file
+        return
     try:
         embeddings.save(out)
     except MissingExtraError as err:

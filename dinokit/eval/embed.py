@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dinokit.data.folders import ImageList
-from dinokit.eval.features import Features, extract_features
+from dinokit.eval.features import Features, cached_features
 from dinokit.extras import require
 
 FORMATS = (".npz", ".pt", ".parquet")
@@ -164,6 +164,11 @@ def plot_embeddings(embeddings: Embeddings, out: str | Path, method: str = "tsne
     return out
 
 
-def embed_images(backbone, images: ImageList, crop_size: int = 224, mean=None, std=None, **kwargs) -> Embeddings:
-    """Embeddings of every readable image of ``images`` (``kwargs`` go to ``extract_features``)."""
-    return Embeddings.from_features(extract_features(backbone, images, crop_size, mean, std, **kwargs), images)
+def embed_images(backbone, images: ImageList, crop_size: int = 224, mean=None, std=None, env=None,
+                 **kwargs) -> Embeddings | None:
+    """Embeddings of every readable image of ``images`` (``kwargs`` go to ``extract_features``).
+
+    Under a launcher pass ``env`` (the ``DistEnv``) on every process: each extracts its share and
+    process 0 gets all rows; the other processes get ``None``."""
+    features = cached_features(backbone, images, crop_size=crop_size, mean=mean, std=std, env=env, **kwargs)
+    return None if features is None else Embeddings.from_features(features, images)

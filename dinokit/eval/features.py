@@ -101,20 +101,36 @@ def extract_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor
 
 def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: ImageList,
                     cache_dir: str | Path | None = None, cache_tag: str | None = None, kind: str = "cls",
-                    crop_size: int = 224, mean=None, std=None, **kwargs) -> Features:
+                    crop_size: int = 224, mean=None, std=None, env=None, **kwargs) -> Features | None:
     """``extract_features`` cached in ``cache_dir/<kind>-<key>.pt``.
 
     The key is a fingerprint of ``cache_tag`` (what identifies the weights), ``kind`` (which
     feature of the backbone, e.g. ``cls``), the crop size, the normalisation and the file list;
     without ``cache_dir`` or ``cache_tag`` nothing is cached. ``kwargs`` go to ``extract_features``.
+
+    Under a launcher (``env``, a ``DistEnv`` of several processes, called on every process) each
+    process extracts its share of the images and process 0 gets them all, reads and writes the
+    cache; the other processes get ``None``.
     """
+    from dinokit.train.distributed import any_process, gather_features
+
     mean = tuple(float(m) for m in (mean if mean is not None else IMAGENET_MEAN))
     std = tuple(float(s) for s in (std if std is not None else IMAGENET_STD))
     cache = None
     if cache_dir is not None and cache_tag is not None:
         key = fingerprint(cache_tag, kind, crop_size, mean, std, [str(p) for p in images.paths])
         cache = Path(cache_dir) / f"{kind}-{key}.pt"
-    return extract_features(backbone, images, crop_size, mean, std, cache=cache, **kwargs)
+    if env is None or not env.distributed:
+        return extract_features(backbone, images, crop_size, mean, std, cache=cache, **kwargs)
+    device = torch.device(kwargs.get("device", "cpu"))
+    if any_process(env.is_main and cache is not None and cache.exists(), device):  # process 0's cache decides
+        return Features.load(cache) if env.is_main else None
+    kwargs["progress"] = kwargs.get("progress", True) and env.is_main
+    features = gather_features(lambda mine: extract_features(backbone, mine, crop_size, mean, std, **kwargs),
+                               images, env)
+    if features is not None and cache is not None:
+        features.save(cache)
+    return features
 
 
 def check_label_sets(train_images: ImageList, test_images: ImageList, what: str) -> None:

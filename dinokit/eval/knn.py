@@ -78,21 +78,26 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 def knn_evaluate(backbone, train_images, test_images, crop_size: int = 224, ks=(10, 20, 100, 200),
                  temperature: float = 0.07, mean=None, std=None, batch_size: int = 256, device="cpu",
-                 num_workers: int = 0, progress: bool = True, cache_dir=None, cache_tag: str | None = None
-                 ) -> dict[int, dict[str, float]]:
+                 num_workers: int = 0, progress: bool = True, cache_dir=None, cache_tag: str | None = None,
+                 env=None) -> dict[int, dict[str, float]] | None:
     """Extract features of two labelled ``ImageList``s with ``backbone`` and run ``knn_classify``.
 
     With ``cache_dir`` and ``cache_tag`` (a fingerprint of the weights) the features are cached
     per image set, so evaluating the same weights on the same data again reads them back. Test
     classes must all occur in the training data (``DataError`` otherwise); their labels are
     mapped onto the training classes. The neighbour search runs on ``device``.
+
+    Under a launcher pass ``env`` (the ``DistEnv``) on every process: the features are extracted
+    in shares and process 0 scores them; the other processes return ``None``.
     """
     check_label_sets(train_images, test_images, "k-NN evaluation")
     common = dict(cache_dir=cache_dir, cache_tag=cache_tag, kind="cls", crop_size=crop_size, mean=mean, std=std,
-                  batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
+                  batch_size=batch_size, device=device, num_workers=num_workers, progress=progress, env=env)
     train = cached_features(backbone, train_images, desc="k-NN train features", **common)
-    test = relabel(cached_features(backbone, test_images, desc="k-NN test features", **common), test_images,
-                   train_images.classes)
+    test = cached_features(backbone, test_images, desc="k-NN test features", **common)
+    if train is None or test is None:  # not process 0
+        return None
+    test = relabel(test, test_images, train_images.classes)
     device = torch.device(device)  # the similarities run where the backbone ran (a GPU if there is one)
     return knn_classify(train.features.to(device), train.labels, test.features.to(device), test.labels, ks=ks,
                         temperature=temperature, num_classes=len(train_images.classes))

@@ -28,8 +28,7 @@ from dinokit.data.folders import DataError, ImageList, scan_folder, split_train_
 from dinokit.data.public import resolve_data
 from dinokit.data.sampler import TrainingSampler
 from dinokit.data.transforms import MultiCropAugmentation
-from dinokit.eval.features import extract_features
-from dinokit.eval.knn import knn_classify
+from dinokit.eval.knn import knn_evaluate
 from dinokit.method.loss import DINOLoss
 from dinokit.method.schedules import Schedules
 from dinokit.method.teacher import make_teacher, update_teacher
@@ -37,7 +36,7 @@ from dinokit.models.backbones import build_backbone
 from dinokit.models.head import DINOHead
 from dinokit.models.multicrop import MultiCropModel
 from dinokit.train.checkpoint import LATEST, load_checkpoint, save_checkpoint
-from dinokit.train.distributed import (DistEnv, any_process, check_agreement, fingerprint, gather_features,
+from dinokit.train.distributed import (DistEnv, any_process, check_agreement, fingerprint,
                                        init_distributed, leaders_first, sum_over_processes, lost_peer, lost_peer_error,
                                        mean_over_processes, resolve_device, shutdown_distributed, sync_batch_norm)
 from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
@@ -217,16 +216,11 @@ class _Knn:
         """Called on every process: each extracts the features of its share of the images; the
         main process gathers them, scores and writes."""
         cfg = self.cfg
-
-        def extract(images: ImageList):
-            return extract_features(backbone, images, cfg.global_crops_size, cfg.mean, cfg.std, cfg.eval_batch_size,
-                                    self.device, progress=monitor.enabled, desc=f"k-NN features ({name})")
-
-        train, val = gather_features(extract, self.train_images, env), gather_features(extract, self.val_images, env)
-        if not env.is_main:
+        scores = knn_evaluate(backbone, self.train_images, self.val_images, cfg.global_crops_size, cfg.knn_k,
+                              cfg.knn_temperature, cfg.mean, cfg.std, cfg.eval_batch_size, self.device,
+                              progress=monitor.enabled, env=env)
+        if scores is None:  # not the main process
             return
-        scores = knn_classify(train.features, train.labels, val.features, val.labels, cfg.knn_k, cfg.knn_temperature,
-                              num_classes=len(self.train_images.classes))
         self.results[name] = {str(k): v for k, v in scores.items()}
         self.path.write_text(json.dumps(self.results, indent=1))
         k = 20 if 20 in scores else cfg.knn_k[0]

@@ -17,6 +17,7 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -233,6 +234,35 @@ def test_fsdp_checkpoint_resumes_on_one_process(setup, fsdp_run):
     _one_process(setup, out, strategy="fsdp")
     assert sorted(_losses(out)) == [3, 4, 5]  # the second epoch only
     _assert_same_run(out, fsdp_run, steps=range(3, STEPS))
+
+
+# --- evaluation under the launcher -------------------------------------------------------------
+
+def _eval_command(launcher: list[str], setup: dict, out: Path, command: str) -> subprocess.CompletedProcess:
+    source = ["--checkpoint", "random:vit_tiny/8", "--image-size", "32", "--batch-size", "4"]
+    if command == "knn":
+        args = ["knn", *source, "--train-data", str(setup["data"]), "--val-fraction", "0.25", "--k", "1", "3",
+                "--out-dir", str(out)]
+    else:
+        args = ["embed", *source, "--data", str(setup["data"]), "--out", str(out / "features.npz")]
+    return subprocess.run(launcher + args, capture_output=True, text=True, timeout=300, env=_clean_env())
+
+
+def test_knn_and_embed_under_torchrun_equal_one_process(setup):
+    """Each process extracts a share of the images; process 0 alone scores and writes."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", "localhost:0", "-m", "dinokit"]
+    one, two = setup["root"] / "eval-one", setup["root"] / "eval-two"
+    for command in ("knn", "embed"):
+        _assert_ok(_eval_command([sys.executable, "-m", "dinokit"], setup, one, command))
+        result = _eval_command(torchrun, setup, two, command)
+        _assert_ok(result)
+        assert result.stdout.count("dinokit: wrote") == 1  # only process 0 reports
+    scores = [json.loads((run / "eval_knn.json").read_text())["results"] for run in (one, two)]
+    assert scores[0] == scores[1]  # the same features (to float rounding) give the same votes
+    a, b = (np.load(run / "features.npz", allow_pickle=False) for run in (one, two))
+    assert list(a["paths"]) == list(b["paths"]) and len(a["paths"]) == 32
+    np.testing.assert_allclose(a["features"], b["features"], rtol=1e-4, atol=1e-5)
 
 
 # --- clear messages ---------------------------------------------------------------------------
