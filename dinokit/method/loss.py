@@ -34,19 +34,19 @@ class DINOLoss(nn.Module):
         """Returns ``(loss, stats)``; ``stats`` holds detached scalars for monitoring collapse:
         ``teacher_entropy`` (nats, 0 = one dimension, ln K = uniform) and ``kl`` = KL(P_t || P_s)."""
         num_student_views = student_logits.shape[0] * num_teacher_views // teacher_logits.shape[0]
-        student_logp = F.log_softmax(student_logits.float() / self.student_temp, dim=-1).chunk(num_student_views)
-        teacher_p = self.teacher_probs(teacher_logits.detach(), teacher_temp).chunk(num_teacher_views)
-        total, pairs = 0.0, 0
-        for q, p_t in enumerate(teacher_p):
-            for v, logp_s in enumerate(student_logp):
-                if v == q:
-                    continue
-                total = total + torch.sum(-p_t * logp_s, dim=-1).mean()
-                pairs += 1
-        loss = total / pairs
+        batch = teacher_logits.shape[0] // num_teacher_views
+        student_logp = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+        teacher_p = self.teacher_probs(teacher_logits.detach(), teacher_temp)
+        # sum over all pairs (q, v) of <p_q, log p_v>, minus the pairs of a view with itself:
+        # two reductions over B x K instead of one per pair
+        all_pairs = (teacher_p.view(num_teacher_views, batch, -1).sum(0)
+                     * student_logp.view(num_student_views, batch, -1).sum(0)).sum()
+        same = min(num_teacher_views, num_student_views)
+        same_view = (teacher_p[:same * batch] * student_logp[:same * batch]).sum()
+        pairs = num_teacher_views * num_student_views - same
+        loss = -(all_pairs - same_view) / (batch * pairs)
         with torch.no_grad():
-            p_all = torch.cat(teacher_p)
-            entropy = -(p_all * torch.log(p_all.clamp_min(1e-30))).sum(-1).mean()
+            entropy = -(teacher_p * torch.log(teacher_p.clamp_min(1e-30))).sum(-1).mean()
         stats = {"teacher_entropy": entropy, "kl": loss.detach() - entropy}
         return loss, stats
 

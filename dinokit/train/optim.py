@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -17,9 +19,25 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA, multi-tensor elsewhere); lr and weight decay are set every step."""
-    fused = device.type == "cuda"
+    """AdamW with fused kernels where PyTorch has them for ``device`` (CUDA; the CPU since
+    PyTorch 2.4) and the parameters are plain tensors, else multi-tensor; lr and weight decay are
+    set every step."""
+    sharded = any(type(p.data) is not torch.Tensor for p in model.parameters())  # FSDP's DTensors
+    fused = not sharded and fused_adamw_available(device.type)
     return torch.optim.AdamW(param_groups(model), lr=0.0, weight_decay=0.0, fused=fused, foreach=None if fused else True)
+
+
+@functools.cache
+def fused_adamw_available(device_type: str) -> bool:
+    if device_type == "cuda":
+        return True
+    try:
+        probe = torch.zeros(1, device=device_type, requires_grad=True)
+        probe.grad = torch.zeros(1, device=device_type)
+        torch.optim.AdamW([probe], fused=True).step()
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
