@@ -32,7 +32,11 @@ class DINOLoss(nn.Module):
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float,
                 num_teacher_views: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns ``(loss, stats)``; ``stats`` holds detached scalars for monitoring collapse:
-        ``teacher_entropy`` (nats, 0 = one dimension, ln K = uniform) and ``kl`` = KL(P_t || P_s)."""
+        ``teacher_entropy``, the mean entropy of one image's teacher distribution (nats, 0 = one
+        dimension, ln K = uniform), ``teacher_batch_entropy``, the entropy of the batch-mean
+        teacher distribution (ln K = all prototypes used equally, 0 = every image on one), and
+        ``kl`` = KL(P_t || P_s). Uniform collapse: both entropies near ln K; collapse to one
+        dimension: both near 0; a healthy run: the first low, the second high."""
         num_student_views = student_logits.shape[0] * num_teacher_views // teacher_logits.shape[0]
         batch = teacher_logits.shape[0] // num_teacher_views
         student_logp = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
@@ -47,7 +51,9 @@ class DINOLoss(nn.Module):
         loss = -(all_pairs - same_view) / (batch * pairs)
         with torch.no_grad():
             entropy = -(teacher_p * torch.log(teacher_p.clamp_min(1e-30))).sum(-1).mean()
-        stats = {"teacher_entropy": entropy, "kl": loss.detach() - entropy}
+            p_mean = teacher_p.mean(0)
+            batch_entropy = -(p_mean * torch.log(p_mean.clamp_min(1e-30))).sum()
+        stats = {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy, "kl": loss.detach() - entropy}
         return loss, stats
 
     @torch.no_grad()

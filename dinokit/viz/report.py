@@ -43,7 +43,7 @@ REPORT_NAME = "report.html"
 CURVES = (  # metrics.jsonl key, plot title
     ("loss", "loss"),
     ("kl", "KL(teacher || student)"),
-    ("teacher_entropy", "teacher entropy (nats)"),
+    ("teacher_entropy", "teacher entropy (nats): per image, of the batch mean"),
     ("teacher_temp", "teacher temperature"),
     ("lr", "learning rate"),
     ("weight_decay", "weight decay"),
@@ -165,6 +165,9 @@ def _curves_section(steps: list[dict], events: list[dict], config: dict[str, Any
         ax.plot(x, y, lw=1)
         ax.set_title(title, fontsize=10)
         if key == "teacher_entropy":
+            batch = np.array([row.get("teacher_batch_entropy", np.nan) for row in steps], dtype=float)
+            if not np.isnan(batch).all():
+                ax.plot(x, batch, lw=1, label="batch mean")
             ln_k = math.log(_setting(config, "out_dim"))
             ax.axhline(ln_k, color="grey", ls="--", lw=1, label=f"ln K = {ln_k:.2f} (uniform)")
             ax.legend(fontsize=7)

@@ -61,7 +61,19 @@ def test_collapse_signals():
     _, stats = loss_fn(torch.zeros(8, k), uniform_teacher, 0.04)
     assert stats["teacher_entropy"].item() == pytest.approx(math.log(k), rel=1e-5)  # uniform: ln K
     assert stats["kl"].item() == pytest.approx(0.0, abs=1e-5)
+    assert stats["teacher_batch_entropy"].item() == pytest.approx(math.log(k), rel=1e-5)
     one_hot = torch.zeros(4, k)
     one_hot[:, 3] = 100.0
     _, stats = loss_fn(torch.randn(8, k), one_hot, 0.04)
     assert stats["teacher_entropy"].item() < 1e-3  # one dimension: 0
+    assert stats["teacher_batch_entropy"].item() < 1e-3  # ... for every image
+
+
+def test_batch_entropy_tells_a_healthy_teacher_from_collapse():
+    k = 8
+    loss_fn = DINOLoss(k)
+    teacher = torch.full((8, k), -100.0)
+    teacher[torch.arange(8), torch.arange(8)] = 100.0  # each image sharp, on its own prototype
+    _, stats = loss_fn(torch.randn(16, k), teacher, 0.04)
+    assert stats["teacher_entropy"].item() < 1e-3
+    assert stats["teacher_batch_entropy"].item() == pytest.approx(math.log(k), rel=1e-5)
