@@ -35,7 +35,8 @@ class DINOLoss(nn.Module):
         ``teacher_entropy``, the mean entropy of one image's teacher distribution (nats, 0 = one
         dimension, ln K = uniform), ``teacher_batch_entropy``, the entropy of the batch-mean
         teacher distribution (ln K = all prototypes used equally, 0 = every image on one), and
-        ``kl`` = KL(P_t || P_s). Uniform collapse: both entropies near ln K; collapse to one
+        ``kl`` = KL(P_t || P_s). Under a launcher each process reports its own share of the batch
+        (the loop averages them). Uniform collapse: both entropies near ln K; collapse to one
         dimension: both near 0; a healthy run: the first low, the second high."""
         num_student_views = student_logits.shape[0] * num_teacher_views // teacher_logits.shape[0]
         batch = teacher_logits.shape[0] // num_teacher_views
@@ -50,9 +51,8 @@ class DINOLoss(nn.Module):
         pairs = num_teacher_views * num_student_views - same
         loss = -(all_pairs - same_view) / (batch * pairs)
         with torch.no_grad():
-            entropy = -(teacher_p * torch.log(teacher_p.clamp_min(1e-30))).sum(-1).mean()
-            p_mean = teacher_p.mean(0)
-            batch_entropy = -(p_mean * torch.log(p_mean.clamp_min(1e-30))).sum()
+            entropy = _entropy(teacher_p).mean()
+            batch_entropy = _entropy(teacher_p.mean(0))
         stats = {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy, "kl": loss.detach() - entropy}
         return loss, stats
 
@@ -65,6 +65,11 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of the distributions along the last dimension of ``p``."""
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
 
 
 def uniform_loss(out_dim: int) -> float:

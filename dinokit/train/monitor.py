@@ -62,7 +62,7 @@ class Monitor:
         self.bar.set_postfix(
             loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", T_t=f"{last['teacher_temp']:.3f}",
             m=f"{last['momentum']:.4f}", H_t=f"{last['teacher_entropy']:.2f}",
-            H_batch=f"{last.get('teacher_batch_entropy', float('nan')):.2f}",
+            H_batch=f"{last['teacher_batch_entropy']:.2f}",
             img_s=f"{self.window_steps * self.images_per_step / elapsed:.1f}",
             data=f"{100 * self.window_data_wait / elapsed:.0f}%",
         )

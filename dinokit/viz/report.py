@@ -162,7 +162,7 @@ def _curves_section(steps: list[dict], events: list[dict], config: dict[str, Any
     axes = list(fig.subplots(2, 4).flat)
     for ax, (key, title) in zip(axes, CURVES):
         y = np.array([row.get(key, np.nan) for row in steps], dtype=float)
-        ax.plot(x, y, lw=1)
+        ax.plot(x, y, lw=1, label="per image" if key == "teacher_entropy" else None)
         ax.set_title(title, fontsize=10)
         if key == "teacher_entropy":
             batch = np.array([row.get("teacher_batch_entropy", np.nan) for row in steps], dtype=float)

@@ -21,7 +21,7 @@ def test_short_run_writes_everything(shapes_dir, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "event" not in r]
     assert [r["step"] for r in steps] == list(range(12))
-    for key in ("loss", "lr", "weight_decay", "momentum", "teacher_temp", "teacher_entropy", "kl"):
+    for key in ("loss", "lr", "weight_decay", "momentum", "teacher_temp", "teacher_entropy", "teacher_batch_entropy", "kl"):
         assert all(isinstance(r[key], float) for r in steps)
     assert 0 < steps[0]["teacher_entropy"] <= torch.log(torch.tensor(64.0)).item() + 1e-4
     assert list((out / "tensorboard").iterdir())
