@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 _image_options = [
     click.argument("source", type=click.Path(path_type=Path)),
     click.option("--checkpoint", required=True,
-                 help="run folder, checkpoint of ours, official DINO weights file, or official name (dino_vits8, ...)"),
+                 help="run folder, checkpoint of ours, official DINO weights file, official name (dino_vits8, ...), "
+                      "or random:<arch>[/<patch>] (untrained, to compare with)"),
     click.option("--out", type=click.Path(path_type=Path), required=True, help="folder for the pictures"),
     click.option("--image-size", type=int, default=480, show_default=True,
                  help="shorter side in pixels, aspect ratio kept; 0 keeps each image's size"),

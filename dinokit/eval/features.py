@@ -26,8 +26,8 @@ from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from dinokit.data.datasets import ImageDataset, collate_views
 from dinokit.data.folders import DataError, ImageList
 from dinokit.data.transforms import eval_transform
-from dinokit.hub.load import LATEST, open_backbone
-from dinokit.models.backbones import build_backbone, is_vit
+from dinokit.hub.load import LATEST, open_backbone, open_untrained
+from dinokit.models.backbones import is_vit
 
 
 @dataclass
@@ -222,15 +222,9 @@ def open_source(spec: str | Path, which: str = "teacher", arch: str | None = Non
     if spec == "pixels":
         return FeatureSource(nn.Flatten(), spec, fingerprint("pixels"), home=Path("runs") / "baseline-pixels")
     if spec.startswith("random:"):
-        arch_name, _, patch = spec.removeprefix("random:").partition("/")
-        if patch and not patch.isdigit():
-            raise ConfigError(f"{spec!r}: expected random:<arch>[/<patch size>], e.g. random:vit_tiny/16")
-        patch_size = int(patch) if patch else (patch_size or 16)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            backbone = build_backbone(arch_name, patch_size).eval()
-        slug = f"random-{arch_name.replace(':', '-')}" + (f"-p{patch_size}" if is_vit(backbone) else "")
-        return FeatureSource(backbone, spec, fingerprint("random", arch_name, patch_size, seed),
+        loaded = open_untrained(spec, seed, patch_size)
+        slug = f"random-{loaded.arch.replace(':', '-')}" + (f"-p{loaded.patch_size}" if loaded.patch_size else "")
+        return FeatureSource(loaded.model, spec, fingerprint("random", loaded.arch, loaded.patch_size, seed),
                              home=Path("runs") / f"baseline-{slug}")
 
     loaded = open_backbone(spec, arch, patch_size, which, trust, weights)

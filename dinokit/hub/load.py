@@ -9,7 +9,9 @@
   * a bare backbone state dict in the official / timm / torchvision key layout
     (``.pth`` or ``.safetensors``; an image classifier's ``head.*``/``fc.*`` is dropped),
   * an official name (``dino_vits16``, ...; see ``dinokit.hub.names``), with ``weights=PATH``
-    for a local copy of the file.
+    for a local copy of the file,
+  * ``random:<arch>[/<patch>]`` (``random:vit_tiny/8``): untrained weights, the baseline every
+    trained network is compared with.
 Architecture and patch size come from the checkpoint's config or are inferred from the weight
 shapes; weights that do not fit are refused with the offending keys named, never loaded in part.
 
@@ -233,6 +235,8 @@ def open_backbone(source: str | Path, arch: str | None = None, patch_size: int |
     ``arch``/``patch_size`` override what the file says; ``which`` picks the teacher or the
     student of a training checkpoint; ``trust`` allows full unpickling (only for files you trust).
     """
+    if str(source).startswith("random:"):
+        return open_untrained(str(source), patch_size=patch_size)
     path, meta = resolve_source(source, weights)
     ckpt = read_weights(path, trust)
     state = drop_classifier(backbone_state(ckpt, which))
@@ -254,6 +258,23 @@ def open_backbone(source: str | Path, arch: str | None = None, patch_size: int |
     mean, std = meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD)
     return LoadedBackbone(model.eval(), arch, patch_size if arch in VIT_SIZES else None, int(img_size),
                           tuple(map(float, mean)), tuple(map(float, std)), str(path), which)
+
+
+def open_untrained(spec: str, seed: int = 0, patch_size: int | None = None) -> LoadedBackbone:
+    """``random:<arch>[/<patch>]``: a backbone with untrained weights seeded by ``seed``; the
+    patch size comes from the spec, else ``patch_size``, else 16."""
+    arch, _, patch = spec.removeprefix("random:").partition("/")
+    if not arch or (patch and not patch.isdigit()):
+        raise CheckpointError(f"{spec!r}: expected random:<arch>[/<patch size>], e.g. random:vit_tiny/16")
+    patch_size = int(patch) if patch else (patch_size or 16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = build_backbone(arch, patch_size)
+        except ValueError as err:
+            raise CheckpointError(f"{spec!r}: {err}") from None
+    return LoadedBackbone(model.eval(), arch, patch_size if arch in VIT_SIZES else None, 224,
+                          IMAGENET_MEAN, IMAGENET_STD, spec, "untrained")
 
 
 def load_backbone(source: str | Path, arch: str | None = None, patch_size: int | None = None,

@@ -60,6 +60,14 @@ def test_attention_resizes_the_shorter_side(official_weights, photos, tmp_path):
     assert Image.open(tmp_path / "a" / "wide" / "image.png").size == (48, 32)  # 56x40 -> 44x32 -> padded 48x32
 
 
+def test_attention_of_an_untrained_network_for_comparison(photos, tmp_path):
+    result = run("attention", photos / "wide.png", "--checkpoint", "random:vit_tiny/8", "--out", tmp_path / "a",
+                 "--image-size", 32)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / "wide" / "heads.png").exists()
+    assert len(list((tmp_path / "a" / "wide").glob("attn-head*.png"))) == 3
+
+
 def test_attention_needs_a_vit(tmp_path, photos):
     state = build_backbone("resnet18").state_dict()
     torch.save({"teacher": {f"backbone.{k}": v for k, v in state.items()}, "args": {"arch": "resnet18"}},

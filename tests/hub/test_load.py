@@ -137,3 +137,14 @@ def test_run_config_gives_arch_image_size_and_normalisation(tmp_path, two_vits):
     torch.save(ours, tmp_path / "checkpoint.pth")
     loaded = open_backbone(tmp_path)
     assert (loaded.img_size, loaded.mean, loaded.std) == (32, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_untrained_source_is_seeded_and_takes_the_patch_size():
+    a, b = open_backbone("random:vit_tiny/8"), open_backbone("random:vit_tiny/8")
+    assert (a.arch, a.patch_size, a.which) == ("vit_tiny", 8, "untrained")
+    assert torch.equal(a.model.pos_embed, b.model.pos_embed)
+    assert open_backbone("random:vit_tiny").patch_size == 16
+    assert open_backbone("random:resnet18").patch_size is None
+    for bad in ("random:vit_tiny/x", "random:", "random:vit_huge/8"):
+        with pytest.raises(CheckpointError, match="random:"):
+            open_backbone(bad)
