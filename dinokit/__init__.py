@@ -8,7 +8,7 @@ The pieces, each usable in your own loop::
 """
 
 from dinokit.config import ConfigError, TrainConfig
-from dinokit.data.builtin import builtin_shapes
+from dinokit.data.builtin import builtin_textures
 from dinokit.data.folders import ImageList, scan_folder
 from dinokit.data.transforms import MultiCropAugmentation, eval_transform
 from dinokit.eval.embed import Embeddings, embed_images
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DINOHead", "DINOLoss", "Embeddings", "ImageList", "MultiCropAugmentation", "MultiCropModel", "RunResult",
-    "Schedules", "TrainConfig", "VisionTransformer", "build_backbone", "builtin_shapes", "cosine", "embed_images",
+    "Schedules", "TrainConfig", "VisionTransformer", "build_backbone", "builtin_textures", "cosine", "embed_images",
     "eval_transform", "export_backbone", "extract_features", "knn_classify", "knn_evaluate", "linear_probe",
     "linear_warmup", "load_backbone", "make_teacher", "open_source", "scan_folder", "train", "update_teacher", "vit",
 ]

@@ -34,7 +34,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- run -------------------------------------------------------------------------------
-    data: str | None = Field(None, description="image folder (searched recursively); None: the built-in shapes data set")
+    data: str | None = Field(None, description="image folder (searched recursively); None: the built-in textures data set")
     out: str = Field("runs/dino", description="run folder: checkpoints, metrics, report; an existing run there is resumed")
     init: str | None = Field(None, description="start from this checkpoint (ours or official DINO) instead of random weights")
     seed: int = Field(0, description="seeds weights, data order and every augmentation")
@@ -91,6 +91,10 @@ class TrainConfig(BaseModel):
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_prob: tuple[float, float, float] = Field((1.0, 0.1, 0.5), description="global 1, global 2, local")
     solarize_prob: tuple[float, float, float] = Field((0.0, 0.2, 0.0), description="global 1, global 2, local")
+    views_on: Literal["host", "device"] = Field("host", description="where the views are made: host (data loader "
+                                                "workers) or device (workers only decode; crops and colours on the GPU)")
+    canvas_size: int | None = Field(None, ge=1, description="views_on=device: side of the square the decoded "
+                                    "image is shrunk to fit before it goes to the device; None: 2 x global_crops_size")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -129,6 +133,8 @@ class TrainConfig(BaseModel):
         for key in ("blur_prob", "solarize_prob"):
             if not all(0 <= p <= 1 for p in getattr(self, key)):
                 bad(key, f"probabilities must lie in [0, 1], got {getattr(self, key)}")
+        if self.canvas_size is not None and self.canvas_size < self.global_crops_size:
+            bad("canvas_size", f"{self.canvas_size} px is smaller than global_crops_size {self.global_crops_size}")
         if any(s <= 0 for s in self.std):
             bad("std", "must be positive")
         if any(k < 1 for k in self.knn_k):

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from dinokit.config import TrainConfig
-from dinokit.data.builtin import builtin_shapes
+from dinokit.data.builtin import builtin_textures
 
 CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train"
 
 
 @pytest.fixture(scope="session")
-def shapes_dir(tmp_path_factory) -> Path:
+def textures_dir(tmp_path_factory) -> Path:
     """8 classes x 8 images of 32 px, generated once per test session."""
-    return builtin_shapes(images_per_class=8, size=32, seed=0, root=tmp_path_factory.mktemp("shapes"))
+    return builtin_textures(images_per_class=8, size=32, seed=0, root=tmp_path_factory.mktemp("textures"))
 
 
 def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:

@@ -72,7 +72,7 @@ def build_train_config(config: str | None, flags: dict[str, str | None], overrid
             base = out / "config.yaml"
         elif values.get("data") is None:
             base = DEFAULT_PRESET
-            click.echo(f"dinokit: built-in shapes data with the '{DEFAULT_PRESET}' preset "
+            click.echo(f"dinokit: built-in textures data with the '{DEFAULT_PRESET}' preset "
                        f"(pass --config paper for the full recipe)", err=True)
     return TrainConfig.build(base, values)
 
@@ -91,7 +91,7 @@ def main() -> None:
 def train(config: str | None, overrides: tuple[str, ...], **flags: str | None) -> None:
     """Pretrain a backbone with DINO. OVERRIDES are key=value pairs (e.g. epochs=300 teacher_temp=0.07).
 
-    With no arguments: the built-in shapes data and the laptop preset, a few minutes on a CPU.
+    With no arguments: the built-in textures data and the laptop preset, a few minutes on a CPU.
     Running again with the same --out resumes the run where it stopped.
     """
     from dinokit.train.loop import train as run_training

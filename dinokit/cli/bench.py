@@ -32,7 +32,7 @@ _WORKLOAD_OPTIONS = {
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
               help="auto: bf16 autocast on CUDA, fp32 elsewhere")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbones (first step compiles)")
-@click.option("--data", default=None, help="image folder for the data pipeline [default: the built-in shapes]")
+@click.option("--data", default=None, help="image folder for the data pipeline [default: the built-in textures]")
 @click.option("--synthetic", is_flag=True, help="random views instead of the data pipeline: the step alone")
 @click.option("--workers", type=int, default=None, help="DataLoader processes [default: as dinokit train]")
 @click.option("--steps", type=int, default=20, show_default=True, help="timed steps")

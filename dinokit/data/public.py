@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dinokit.data.builtin import cache_dir, builtin_shapes
+from dinokit.data.builtin import cache_dir, builtin_textures
 from dinokit.data.folders import DataError
 
 PUBLIC_SETS = ("cifar10", "cifar100")
@@ -54,10 +54,10 @@ def public_folder(name: str, root: str | Path | None = None, download: bool = Tr
 
 
 def resolve_data(spec: str | None) -> Path:
-    """A data setting -> a folder: None is the built-in shapes, a public set's name is prepared,
+    """A data setting -> a folder: None is the built-in textures, a public set's name is prepared,
     anything else is a path (an existing path always wins over a name)."""
     if spec is None:
-        return builtin_shapes()
+        return builtin_textures()
     path = Path(spec).expanduser()
     if not path.exists() and spec.lower() in PUBLIC_SETS:
         return public_folder(spec.lower())

@@ -6,7 +6,8 @@ real data pipeline (``data="pipeline"``) or on random tensors of the same shapes
 (``data="synthetic"``, the step alone). It measures
 
 - ``images_per_s``: source images per second, each with all its views (``batch_size`` per step);
-- the time split of a step: waiting for data, teacher forward, student forward, loss, student
+- the time split of a step: waiting for data, making the views on the device (``views_on:
+  device``), teacher forward, student forward, loss, student
   backward, optimizer (clipping and AdamW), EMA, centre (milliseconds per step);
 - peak memory: the process's peak resident set size on the CPU (MiB), the CUDA caching
   allocator's ``max_memory_allocated`` on a GPU;
@@ -42,11 +43,11 @@ from dinokit.config import ConfigError, TrainConfig
 from dinokit.data.datasets import ImageDataset, collate_views
 from dinokit.data.folders import DataError, scan_folder
 from dinokit.data.public import resolve_data
-from dinokit.data.transforms import MultiCropAugmentation
+from dinokit.data.device_views import view_pipeline
 from dinokit.train.distributed import resolve_device
 from dinokit.train.loop import _autocast, _num_workers, build_state, train_step
 
-PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "ema", "centre")
+PHASES = ("data", "views", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "ema", "centre")
 DATA_MODES = ("pipeline", "synthetic")
 
 
@@ -243,7 +244,7 @@ def pipeline_loader(cfg: TrainConfig, workers: int, device: torch.device) -> Dat
     images = scan_folder(resolve_data(cfg.data))
     if len(images) < cfg.batch_size:
         raise DataError(f"batch_size {cfg.batch_size} is larger than the {len(images)} images of {images.root}")
-    dataset = ImageDataset(images, MultiCropAugmentation(cfg), seed=cfg.seed)
+    dataset = ImageDataset(images, view_pipeline(cfg)[0], seed=cfg.seed)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
                                              generator=torch.Generator().manual_seed(cfg.seed))
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
@@ -328,6 +329,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
     load_before = load_average()
     workers = 0 if data == "synthetic" else _num_workers(cfg, device)
     batches = _batches(cfg, data, workers, device)  # first: a bad data folder fails fast
+    finish_views = view_pipeline(cfg)[1] if data == "pipeline" else (lambda views: views)  # views_on=device
     torch.manual_seed(cfg.seed)
     state = build_state(cfg, device)
     autocast = _autocast(cfg, device)
@@ -335,7 +337,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
 
     flops = None
     if count_flops:  # one eager step (before any compilation), counted as a warm-up step
-        flops = count_step_flops(state, [v.to(device) for v in next(batches)], cfg, autocast)
+        flops = count_step_flops(state, finish_views([v.to(device) for v in next(batches)]), cfg, autocast)
     if cfg.compile:
         state.student.backbone.compile()
         state.teacher.backbone.compile()
@@ -351,6 +353,8 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
             start, cpu_start = time.perf_counter(), time.process_time()
         with timer.host("data"):
             views = [v.to(device, non_blocking=True) for v in next(batches)]
+        with timer("views"):  # views_on=device: crops and colours on the device (else nothing)
+            views = finish_views(views)
         t0 = time.perf_counter()
         skipped += train_step(state, views, hp, cfg, state.student, autocast, timer=timer) is None
         if i == 0:

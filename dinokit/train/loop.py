@@ -27,7 +27,7 @@ from dinokit.data.datasets import ImageDataset, collate_views, sample_seed
 from dinokit.data.folders import DataError, ImageList, scan_folder, split_train_val
 from dinokit.data.public import resolve_data
 from dinokit.data.sampler import TrainingSampler
-from dinokit.data.transforms import MultiCropAugmentation
+from dinokit.data.device_views import view_pipeline
 from dinokit.eval.knn import knn_evaluate
 from dinokit.method.loss import DINOLoss
 from dinokit.method.schedules import Schedules
@@ -285,7 +285,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     schedules = Schedules.from_config(cfg, steps_per_epoch)
     sampler = TrainingSampler(len(train_images), cfg.batch_size, schedules.total_steps, cfg.seed, env.rank,
                               env.world_size, start_step=state.step)
-    dataset = ImageDataset(train_images, MultiCropAugmentation(cfg), seed=cfg.seed)
+    transform, finish_views = view_pipeline(cfg)  # on the host, or decode there and crop on the device
+    dataset = ImageDataset(train_images, transform, seed=cfg.seed)
     workers = _num_workers(cfg, device)
     loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
                         collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=False,
@@ -349,7 +350,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             torch.manual_seed(sample_seed(cfg.seed, 1_000_003 + env.rank, step))  # drop path
             metrics = None
             if not any_process(not len(batch), device):  # all processes step, or none (DDP would hang)
-                views = [v.to(device, non_blocking=True) for v in batch.views]
+                views = finish_views([v.to(device, non_blocking=True) for v in batch.views])
                 metrics = train_step(state, views, hp, cfg, student, autocast)
             if metrics is None:
                 nonfinite_run += bool(len(batch))

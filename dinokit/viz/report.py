@@ -129,7 +129,7 @@ def _summary(run_dir: Path, config: dict[str, Any], steps: list[dict], knn: dict
     facts = [("run folder", str(run_dir.resolve()))]
     if config:
         facts.append(("backbone", f"{_setting(config, 'arch')}, patch {_setting(config, 'patch_size')}"))
-        facts.append(("data", str(_setting(config, "data") or "built-in shapes")))
+        facts.append(("data", str(_setting(config, "data") or "built-in textures")))
     if steps:
         last = steps[-1]
         facts.append(("trained", f"{last['step'] + 1} steps, epoch {last.get('epoch', 0) + 1} of "

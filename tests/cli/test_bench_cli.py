@@ -36,13 +36,13 @@ def test_bench_prints_and_saves_the_step(tmp_path):
     assert run["kind"] == "train_step" and run["workload"]["data"] == "synthetic" and run["images_per_s"] > 0
 
 
-def test_data_only_measures_the_pipeline_per_core(shapes_dir, tmp_path):
-    result = invoke("--data-only", "--data", shapes_dir, "--workers", "0", "--steps", "4", "--json", "--no-save",
+def test_data_only_measures_the_pipeline_per_core(textures_dir, tmp_path):
+    result = invoke("--data-only", "--data", textures_dir, "--workers", "0", "--steps", "4", "--json", "--no-save",
                     *TINY)
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     assert record["kind"] == "data_pipeline" and record["images_per_s_per_core"] > 0
-    assert record["workload"]["data"] == str(shapes_dir) and not list(tmp_path.iterdir())
+    assert record["workload"]["data"] == str(textures_dir) and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("args, message", [

@@ -51,8 +51,8 @@ def test_where_results_go(run_dir, tmp_path):
     assert student.tag != open_source(copy).tag != folder.tag
 
 
-def test_knn_writes_results_and_reuses_cached_features(run_dir, shapes_dir):
-    args = ("knn", "--checkpoint", run_dir, "--train-data", shapes_dir, "--val-fraction", 0.25, "--k", 1, 3,
+def test_knn_writes_results_and_reuses_cached_features(run_dir, textures_dir):
+    args = ("knn", "--checkpoint", run_dir, "--train-data", textures_dir, "--val-fraction", 0.25, "--k", 1, 3,
             "--device", "cpu", "--batch-size", 16)
     result = invoke(*args)
     assert result.exit_code == 0, result.output
@@ -72,8 +72,8 @@ def test_knn_writes_results_and_reuses_cached_features(run_dir, shapes_dir):
     assert len(list((run_dir / "features").iterdir())) == 4
 
 
-def test_linear_probe_of_the_student(run_dir, shapes_dir):
-    result = invoke("linear", "--checkpoint", run_dir, "--which", "student", "--train-data", shapes_dir,
+def test_linear_probe_of_the_student(run_dir, textures_dir):
+    result = invoke("linear", "--checkpoint", run_dir, "--which", "student", "--train-data", textures_dir,
                     "--val-fraction", 0.25, "--epochs", 2, "--cached-features", "--device", "cpu", "--no-cache")
     assert result.exit_code == 0, result.output
     saved = json.loads((run_dir / "eval_linear_student.json").read_text())
@@ -92,9 +92,9 @@ def test_baseline_results_go_to_the_out_dir(tmp_path):
     assert saved["test_images"] == 3 and saved["results"]["3"]["top1"] == 100.0  # one colour per class
 
 
-def test_embed_then_plot(run_dir, shapes_dir, tmp_path):
+def test_embed_then_plot(run_dir, textures_dir, tmp_path):
     out = tmp_path / "emb.npz"
-    result = invoke("embed", "--checkpoint", run_dir, "--data", shapes_dir, "--out", out, "--device", "cpu")
+    result = invoke("embed", "--checkpoint", run_dir, "--data", textures_dir, "--out", out, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "wrote 64 embeddings of 192 dimensions with labels" in result.output
     with np.load(out) as data:
@@ -104,7 +104,7 @@ def test_embed_then_plot(run_dir, shapes_dir, tmp_path):
     assert Image.open(tmp_path / "pca.png").size[0] > 100
 
 
-def _bad_inputs(tmp_path, run_dir, shapes_dir):
+def _bad_inputs(tmp_path, run_dir, textures_dir):
     unlabelled = tmp_path / "flat"
     unlabelled.mkdir()
     for i in range(3):
@@ -112,22 +112,22 @@ def _bad_inputs(tmp_path, run_dir, shapes_dir):
     other = make_folder(tmp_path / "other", ["red"], per_class=2)
     not_ckpt = tmp_path / "notes.pth"
     not_ckpt.write_text("hello")
-    knn = ["knn", "--checkpoint", run_dir, "--train-data", shapes_dir, "--device", "cpu"]
+    knn = ["knn", "--checkpoint", run_dir, "--train-data", textures_dir, "--device", "cpu"]
     return {
         "needs labels": ["knn", "--checkpoint", run_dir, "--train-data", unlabelled],
         "has classes ['red'] that the training data": knn + ["--test-data", other],
-        "not a readable checkpoint": ["knn", "--checkpoint", not_ckpt, "--train-data", shapes_dir],
+        "not a readable checkpoint": ["knn", "--checkpoint", not_ckpt, "--train-data", textures_dir],
         "patch_size=16 was asked for": knn + ["--patch-size", 16],
         "not a multiple of the backbone's patch size 8": knn + ["--image-size", 30],
-        "either --test-data or --val-fraction": knn + ["--test-data", shapes_dir, "--val-fraction", 0.1],
-        "must end in .npz, .pt, .parquet": ["embed", "--checkpoint", "pixels", "--data", shapes_dir,
+        "either --test-data or --val-fraction": knn + ["--test-data", textures_dir, "--val-fraction", 0.1],
+        "must end in .npz, .pt, .parquet": ["embed", "--checkpoint", "pixels", "--data", textures_dir,
                                             "--out", tmp_path / "x.csv"],
         "not an embeddings file": ["plot-embeddings", not_ckpt.with_suffix(".npz"), "--out", tmp_path / "p.png"],
     }
 
 
-def test_bad_input_gives_one_clear_line(tmp_path, run_dir, shapes_dir):
-    for message, args in _bad_inputs(tmp_path, run_dir, shapes_dir).items():
+def test_bad_input_gives_one_clear_line(tmp_path, run_dir, textures_dir):
+    for message, args in _bad_inputs(tmp_path, run_dir, textures_dir).items():
         result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (message, result.output)

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from dinokit.cli import main
-from dinokit.data.builtin import builtin_shapes
+from dinokit.data.builtin import builtin_textures
 from dinokit.hub.load import init_training_state
 from dinokit.models.vit import vit
 from dinokit.train.checkpoint import CheckpointError, load_checkpoint
@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """16 generated PNGs: two steps of 8 images per epoch."""
-    return builtin_shapes(images_per_class=2, size=32, seed=0, root=tmp_path_factory.mktemp("shapes"))
+    return builtin_textures(images_per_class=2, size=32, seed=0, root=tmp_path_factory.mktemp("textures"))
 
 
 def official_checkpoint(cfg, path, center: float = 100.0, epoch: int = 100) -> dict:

@@ -85,16 +85,16 @@ def test_run_bench_on_synthetic_views():
         assert phrase in text
 
 
-def test_run_bench_through_the_data_pipeline(shapes_dir):
-    cfg = _cfg(data=str(shapes_dir), batch_size=4)
+def test_run_bench_through_the_data_pipeline(textures_dir):
+    cfg = _cfg(data=str(textures_dir), batch_size=4)
     result = bench.run_bench(cfg, steps=1, warmup=1, count_flops=False)
-    assert result.workload["data"] == str(shapes_dir) and result.workload["workers"] == 0
+    assert result.workload["data"] == str(textures_dir) and result.workload["workers"] == 0
     assert result.phases_ms["data"] > 0 and result.data_images_per_s_per_core > 0
     batch = next(iter(bench.pipeline_loader(cfg, 0, torch.device("cpu"))))
     assert [tuple(v.shape) for v in batch.views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
 
 
-def test_bad_settings_are_config_errors(shapes_dir):
+def test_bad_settings_are_config_errors(textures_dir):
     with pytest.raises(ConfigError, match="data"):
         bench.run_bench(_cfg(), data="webdataset")
     with pytest.raises(ConfigError, match="steps"):
@@ -103,7 +103,7 @@ def test_bad_settings_are_config_errors(shapes_dir):
         with pytest.raises(ConfigError, match="CUDA"):
             bench.run_bench(_cfg(device="cuda"))
     with pytest.raises(DataError, match="larger than"):
-        bench.pipeline_loader(_cfg(data=str(shapes_dir), batch_size=1000), 0, torch.device("cpu"))
+        bench.pipeline_loader(_cfg(data=str(textures_dir), batch_size=1000), 0, torch.device("cpu"))
 
 
 def test_machine_names_and_results_files(tmp_path):

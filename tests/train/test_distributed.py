@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from dinokit.config import TrainConfig
-from dinokit.data.builtin import builtin_shapes
+from dinokit.data.builtin import builtin_textures
 from dinokit.data.sampler import TrainingSampler
 from dinokit.train.distributed import DistEnv, describe_disagreement, first_host, launcher_env
 from dinokit.train.loop import train
@@ -63,7 +63,7 @@ HARNESS = textwrap.dedent("""
 def setup(tmp_path_factory) -> dict:
     """The data (8 classes x 4 images, a quarter held out for k-NN) and the YAML config."""
     root = tmp_path_factory.mktemp("dist")
-    data = builtin_shapes(images_per_class=4, size=32, seed=0, root=root / "data")
+    data = builtin_textures(images_per_class=4, size=32, seed=0, root=root / "data")
     config = tiny_config(data, root / "unused", **RUN).to_dict()
     del config["out"]
     (root / "config.yaml").write_text(yaml.safe_dump(config))

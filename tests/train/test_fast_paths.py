@@ -134,8 +134,8 @@ def test_cuda_phase_timer_and_mfu():
 
 
 @cuda
-def test_pipeline_batches_are_pinned_for_cuda(shapes_dir):
+def test_pipeline_batches_are_pinned_for_cuda(textures_dir):
     from dinokit.train.bench import pipeline_loader
 
-    batch = next(iter(pipeline_loader(_tiny_cfg(data=str(shapes_dir), device="cuda"), 0, torch.device("cuda"))))
+    batch = next(iter(pipeline_loader(_tiny_cfg(data=str(textures_dir), device="cuda"), 0, torch.device("cuda"))))
     assert all(v.is_pinned() for v in batch.views)

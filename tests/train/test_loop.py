@@ -13,8 +13,8 @@ from dinokit.train.loop import train
 from tests.conftest import tiny_config
 
 
-def test_short_run_writes_everything(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, tmp_path / "run", val_fraction=0.25, knn_k=(1, 5), knn_every=1, report=True)
+def test_short_run_writes_everything(textures_dir, tmp_path):
+    cfg = tiny_config(textures_dir, tmp_path / "run", val_fraction=0.25, knn_k=(1, 5), knn_every=1, report=True)
     result = train(cfg)
     out = tmp_path / "run"
     assert result.steps == 2 * (48 // 8) and not result.interrupted
@@ -43,8 +43,8 @@ def test_short_run_writes_everything(shapes_dir, tmp_path):
     assert not torch.equal(t, s) and not torch.equal(t, torch.ones_like(t))
 
 
-def test_first_epoch_keeps_last_layer_frozen(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, tmp_path / "run", epochs=1, freeze_last_layer=1, norm_last_layer=False)
+def test_first_epoch_keeps_last_layer_frozen(textures_dir, tmp_path):
+    cfg = tiny_config(textures_dir, tmp_path / "run", epochs=1, freeze_last_layer=1, norm_last_layer=False)
     torch.manual_seed(cfg.seed)
     initial = loop.build_state(cfg, torch.device("cpu")).student.head.last_layer.weight_v.clone()
     train(cfg)
@@ -67,11 +67,11 @@ def _interrupt_at(monkeypatch, stop_step: int) -> None:
     monkeypatch.setattr(loop, "train_step", step_then_signal)
 
 
-def test_stopped_and_resumed_run_matches_uninterrupted_run(shapes_dir, tmp_path, monkeypatch):
-    reference = tiny_config(shapes_dir, tmp_path / "straight")
+def test_stopped_and_resumed_run_matches_uninterrupted_run(textures_dir, tmp_path, monkeypatch):
+    reference = tiny_config(textures_dir, tmp_path / "straight")
     train(reference)
 
-    resumed = tiny_config(shapes_dir, tmp_path / "resumed")
+    resumed = tiny_config(textures_dir, tmp_path / "resumed")
     _interrupt_at(monkeypatch, 4)  # mid-epoch: steps 0-3 done
     first = train(resumed)
     assert first.interrupted and first.steps == 4
@@ -89,7 +89,7 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(shapes_dir, tmp_path,
     assert losses("straight") == losses("resumed")
 
 
-def test_resume_refuses_a_different_model(shapes_dir, tmp_path):
-    train(tiny_config(shapes_dir, tmp_path / "run", epochs=1))
+def test_resume_refuses_a_different_model(textures_dir, tmp_path):
+    train(tiny_config(textures_dir, tmp_path / "run", epochs=1))
     with pytest.raises(loop.TrainingError, match="patch_size"):
-        train(tiny_config(shapes_dir, tmp_path / "run", epochs=1, patch_size=4))
+        train(tiny_config(textures_dir, tmp_path / "run", epochs=1, patch_size=4))

@@ -82,7 +82,7 @@ def test_bad_images_are_skipped_counted_and_bounded(tmp_path, capsys):
         train(strict)
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops(shapes_dir, tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_then_the_run_stops(textures_dir, tmp_path, monkeypatch):
     real_forward = DINOLoss.forward
     poisoned = {2, 3}
     counter = {"n": 0}
@@ -93,7 +93,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(shapes_dir, tmp_path, m
         return (loss * float("nan"), stats) if counter["n"] - 1 in poisoned else (loss, stats)
 
     monkeypatch.setattr(DINOLoss, "forward", forward)
-    cfg = tiny_config(shapes_dir, tmp_path / "run", epochs=1)
+    cfg = tiny_config(textures_dir, tmp_path / "run", epochs=1)
     assert train(cfg).steps == 8
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [0, 1, 4, 5, 6, 7]
@@ -102,7 +102,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(shapes_dir, tmp_path, m
 
     poisoned.update(range(100))
     counter["n"] = 0
-    cfg = tiny_config(shapes_dir, tmp_path / "nan", epochs=2, max_nonfinite_steps=3)
+    cfg = tiny_config(textures_dir, tmp_path / "nan", epochs=2, max_nonfinite_steps=3)
     with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss"):
         train(cfg)
     assert not (tmp_path / "nan" / "checkpoint.pth").exists()  # nothing finite to save was ever reached
@@ -130,11 +130,11 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_at_any_moment_loses_nothing(shapes_dir, tmp_path):
-    reference = tiny_config(shapes_dir, tmp_path / "reference", checkpoint_every_steps=1)
+def test_sigkill_at_any_moment_loses_nothing(textures_dir, tmp_path):
+    reference = tiny_config(textures_dir, tmp_path / "reference", checkpoint_every_steps=1)
     train(reference)
 
-    killed = tiny_config(shapes_dir, tmp_path / "killed", checkpoint_every_steps=1)
+    killed = tiny_config(textures_dir, tmp_path / "killed", checkpoint_every_steps=1)
     cfg_path = tmp_path / "killed.yaml"
     killed.to_yaml(cfg_path)
     out = tmp_path / "killed"
@@ -167,8 +167,8 @@ def test_sigkill_at_any_moment_loses_nothing(shapes_dir, tmp_path):
     assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
 
 
-def test_sigterm_saves_and_explains_how_to_resume(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, tmp_path / "run", epochs=4)
+def test_sigterm_saves_and_explains_how_to_resume(textures_dir, tmp_path):
+    cfg = tiny_config(textures_dir, tmp_path / "run", epochs=4)
     cfg_path = tmp_path / "run.yaml"
     cfg.to_yaml(cfg_path)
     proc = _launch(cfg_path)

@@ -38,17 +38,17 @@ def metrics_rows(steps: int = 20) -> list[dict]:
 
 
 @pytest.fixture
-def full_run(shapes_dir, tmp_path) -> Path:
+def full_run(textures_dir, tmp_path) -> Path:
     out = tmp_path / "run"
     out.mkdir()
-    cfg = tiny_config(shapes_dir, out, val_fraction=0.25)
+    cfg = tiny_config(textures_dir, out, val_fraction=0.25)
     cfg.to_yaml(out / "config.yaml")
     save_run_checkpoint(out, cfg.arch, cfg.to_dict())
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics_rows()))
     knn = {name: {"10": {"top1": v, "top5": 90.0}, "20": {"top1": v + 1, "top5": 91.0}}
            for name, v in (("untrained", 12.5), ("raw pixels", 20.0), ("final", 40.0))}
     (out / "knn.json").write_text(json.dumps(knn))
-    save_views_grid(cfg, scan_folder(shapes_dir), out / "views.png")
+    save_views_grid(cfg, scan_folder(textures_dir), out / "views.png")
     return out
 
 

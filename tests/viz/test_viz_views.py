@@ -20,26 +20,26 @@ def test_unnormalise_inverts_the_normalisation():
     assert np.allclose(back, pixels.permute(1, 2, 0).numpy(), atol=1e-6)
 
 
-def test_grid_is_reproducible_and_leaves_the_global_generator_alone(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, tmp_path)
-    images = scan_folder(shapes_dir)
+def test_grid_is_reproducible_and_leaves_the_global_generator_alone(textures_dir, tmp_path):
+    cfg = tiny_config(textures_dir, tmp_path)
+    images = scan_folder(textures_dir)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
     first = save_views_grid(cfg, images, tmp_path / "a" / "views.png")
     assert torch.equal(torch.random.get_rng_state(), before)
     second = save_views_grid(cfg, images, tmp_path / "b.png")
-    other_seed = save_views_grid(tiny_config(shapes_dir, tmp_path, seed=1), images, tmp_path / "c.png")
+    other_seed = save_views_grid(tiny_config(textures_dir, tmp_path, seed=1), images, tmp_path / "c.png")
     assert first.read_bytes() == second.read_bytes()
     assert first.read_bytes() != other_seed.read_bytes()
     width, height = Image.open(first).size
     assert width > height  # 4 rows of 1 + 2 + 2 columns
 
 
-def test_unreadable_images_are_passed_over(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, tmp_path)
+def test_unreadable_images_are_passed_over(textures_dir, tmp_path):
+    cfg = tiny_config(textures_dir, tmp_path)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    images = scan_folder(shapes_dir)
+    images = scan_folder(textures_dir)
     good = save_views_grid(cfg, images, tmp_path / "good.png", num_images=2)
     images.paths[0] = bad
     one_row = save_views_grid(cfg, images, tmp_path / "views.png", num_images=2)

@@ -1,0 +1,233 @@
+"""Multi-crop views made on the accelerator: decode on the host, crop and colour on the device.
+
+Where the CPU cannot feed the GPU (a core makes 50-100 images/s of the recipe's 2 x 224 px +
+10 x 96 px views; an H100 trains ViT-S/16 on thousands per second), the data loader workers only
+decode each image, shrink it to fit a square *canvas* and draw the random parameters of its
+views; the device then applies them to the whole batch at once (``views_on: device``).
+
+The parameters are drawn per image, from the image's own seed, with torchvision's samplers and
+the recipe's probabilities, exactly as ``MultiCropAugmentation`` draws them: a view still depends
+only on (seed, epoch, image), not on the worker, the number of processes or a resume. What
+differs from the host path, by design: the crop is resampled with ``roi_align`` (bilinear,
+averaging several samples per output pixel when it shrinks, which antialiases) instead of PIL's
+bicubic filter, colour operations run in float instead of in 8-bit steps, and an image larger
+than the canvas is shrunk once before cropping. ``tests/data/test_device_views.py`` checks both
+the parameter distributions and the applied transforms against the host path.
+
+Shapes: a batch of canvases ``B x 3 x C x C`` (uint8) and parameters ``B x V x NUM_PARAMS``
+(float32) become ``V`` views ``B x 3 x S_v x S_v`` (float32, normalised), global views first.
+"""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.ops import roi_align
+
+from dinokit.config import TrainConfig
+from dinokit.data.transforms import MultiCropAugmentation, blur_kernel_size
+
+# One row of parameters per view; the names say what each column holds.
+PARAM_NAMES = ("top", "left", "height", "width", "flip", "jitter", "order_0", "order_1", "order_2", "order_3",
+               "brightness", "contrast", "saturation", "hue", "grayscale", "blur", "sigma", "solarize")
+NUM_PARAMS = len(PARAM_NAMES)
+P = {name: i for i, name in enumerate(PARAM_NAMES)}
+GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision and PIL use
+SOLARIZE_THRESHOLD = 128 / 255
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # ColorJitter's op indices 0..3
+
+
+def canvas_side(cfg: TrainConfig) -> int:
+    return cfg.canvas_size or 2 * cfg.global_crops_size
+
+
+class ViewParameters:
+    """Host side: PIL image -> ``(canvas, params)``, a ``3 x C x C`` uint8 tensor (the image,
+    shrunk to fit if larger than ``C``, in the top-left corner, zeros elsewhere) and the
+    ``V x NUM_PARAMS`` parameters of its views. Beyond the image, the canvas repeats its last row
+    and column, so that resampling at the image's border sees the border (as PIL does), not black.
+    Randomness comes from torch's global generator,
+    which the training dataset seeds per image."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.canvas = canvas_side(cfg)
+        blur, solarize = cfg.blur_prob, cfg.solarize_prob
+        self.kinds = [(cfg.global_crops_scale, blur[0], solarize[0]), (cfg.global_crops_scale, blur[1], solarize[1])]
+        self.kinds += [(cfg.local_crops_scale, blur[2], solarize[2])] * cfg.local_crops_number
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        if max(image.size) > self.canvas:
+            scale = self.canvas / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        canvas = torch.zeros(3, self.canvas, self.canvas, dtype=torch.uint8)
+        h, w = image.height, image.width
+        canvas[:, :h, :w] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        canvas[:, :h, w:] = canvas[:, :h, w - 1:w]
+        canvas[:, h:, :] = canvas[:, h - 1:h, :]
+        params = torch.stack([self.sample(image, scale, blur_p, solarize_p) for scale, blur_p, solarize_p in self.kinds])
+        return canvas, params
+
+    def sample(self, image: Image.Image, scale: tuple[float, float], blur_p: float, solarize_p: float) -> torch.Tensor:
+        """The parameters of one view of ``image``, drawn as the host path's transforms draw them."""
+        cfg = self.cfg
+        row = torch.zeros(NUM_PARAMS)
+        row[[P["top"], P["left"], P["height"], P["width"]]] = torch.tensor(
+            T.RandomResizedCrop.get_params(image, list(scale), list(cfg.crop_ratio)), dtype=torch.float32)
+        row[P["flip"]] = float(torch.rand(1) < cfg.flip_prob)
+        row[P["jitter"]] = float(torch.rand(1) < cfg.color_jitter_prob)
+        order, brightness, contrast, saturation, hue = T.ColorJitter.get_params(
+            _factor_range(cfg.brightness), _factor_range(cfg.contrast), _factor_range(cfg.saturation),
+            [-cfg.hue, cfg.hue] if cfg.hue else None)
+        row[[P[f"order_{i}"] for i in range(4)]] = order.float()
+        for name, value, neutral in (("brightness", brightness, 1.0), ("contrast", contrast, 1.0),
+                                     ("saturation", saturation, 1.0), ("hue", hue, 0.0)):
+            row[P[name]] = neutral if value is None else value
+        row[P["grayscale"]] = float(torch.rand(1) < cfg.grayscale_prob)
+        row[P["blur"]] = float(torch.rand(1) < blur_p)
+        row[P["sigma"]] = torch.empty(1).uniform_(*cfg.blur_sigma).item()
+        row[P["solarize"]] = float(torch.rand(1) < solarize_p)
+        return row
+
+
+def _factor_range(strength: float) -> list[float] | None:
+    return [max(0.0, 1 - strength), 1 + strength] if strength else None
+
+
+class DeviceMultiCrop:
+    """Device side: ``(canvases, params)`` of a batch -> the list of its views, on the canvases'
+    device. Build it once per run (``DeviceMultiCrop(cfg)``) and call it every step."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.sizes = [cfg.global_crops_size] * 2 + [cfg.local_crops_size] * cfg.local_crops_number
+        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, canvases: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
+        if params.shape[1] != len(self.sizes):
+            raise ValueError(f"parameters for {params.shape[1]} views, but the config makes {len(self.sizes)}")
+        images = canvases.float().div_(255)
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return [(self.view(images, params[:, v], size) - mean) / std for v, size in enumerate(self.sizes)]
+
+    def view(self, images: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:
+        """One view of every image: ``B x 3 x C x C`` in [0, 1] and ``B x NUM_PARAMS`` -> ``B x 3 x size x size``."""
+        x = crop_and_resize(images, p[:, P["top"]], p[:, P["left"]], p[:, P["height"]], p[:, P["width"]], size)
+        x = torch.where(p[:, P["flip"], None, None, None] > 0, x.flip(-1), x)
+        x = color_jitter(x, p)
+        x = torch.where(p[:, P["grayscale"], None, None, None] > 0, grey(x).expand_as(x), x)
+        chosen = p[:, P["blur"]] > 0
+        if chosen.any():
+            kernel = blur_kernel_size(self.cfg.blur_sigma[1], size)
+            x[chosen] = gaussian_blur(x[chosen], p[chosen, P["sigma"]], kernel)
+        solarize = (p[:, P["solarize"], None, None, None] > 0) & (x >= SOLARIZE_THRESHOLD)
+        return torch.where(solarize, 1 - x, x)
+
+
+def crop_and_resize(images: torch.Tensor, top, left, height, width, size: int) -> torch.Tensor:
+    """Crop box ``[top, top + height) x [left, left + width)`` (pixels) of each image, resized to
+    ``size x size`` by ``roi_align``: bilinear, with as many samples per output pixel as the box
+    has input pixels per output pixel (an area average when shrinking)."""
+    batch = torch.arange(images.shape[0], device=images.device, dtype=images.dtype)
+    boxes = torch.stack([batch, left, top, left + width, top + height], dim=1).to(images.dtype)
+    return roi_align(images, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """Luma of RGB images ``N x 3 x H x W`` -> ``N x 1 x H x W``."""
+    r, g, b = x.unbind(1)
+    return (GREY_WEIGHTS[0] * r + GREY_WEIGHTS[1] * g + GREY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def color_jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """ColorJitter with each image's own factors and order of the four operations; images whose
+    ``jitter`` flag is off pass unchanged."""
+    jitter = p[:, P["jitter"]] > 0
+    for position in range(4):
+        for op, name in enumerate(JITTER_OPS):
+            chosen = jitter & (p[:, P[f"order_{position}"]] == op)
+            if chosen.any():
+                x[chosen] = _JITTER[name](x[chosen], p[chosen, P[name]])
+    return x
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, torch.zeros_like(x), factor)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grey(x), factor)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each image's hue by ``shift`` (in turns, [-0.5, 0.5]) keeping saturation and value:
+    RGB -> HSV, ``h + shift mod 1``, HSV -> RGB."""
+    value, brightest = x.max(dim=1)
+    chroma = value - x.min(dim=1).values
+    saturation = chroma / value.clamp_min(1e-12)
+    r, g, b = x.unbind(1)
+    safe = chroma.clamp_min(1e-12)
+    sector = torch.stack([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe])  # hue x 6 by brightest channel
+    hue6 = sector.gather(0, brightest.unsqueeze(0)).squeeze(0)
+    hue = torch.where(chroma > 0, hue6 / 6, torch.zeros_like(hue6))
+    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
+    # HSV -> RGB: each channel n in (5, 3, 1) for (R, G, B) is v - v s max(0, min(k, 4 - k, 1)), k = (n + 6h) mod 6
+    channels = []
+    for n in (5, 3, 1):
+        k = torch.remainder(n + 6 * hue, 6)
+        channels.append(value - value * saturation * (torch.minimum(k, 4 - k).clamp(0, 1)))
+    return torch.stack(channels, dim=1)
+
+
+_JITTER = {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
+           "hue": adjust_hue}
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian kernels of ``size`` taps, one per sigma: ``N x size``."""
+    x = torch.arange(size, device=sigma.device, dtype=sigma.dtype) - (size - 1) / 2
+    kernels = torch.exp(-0.5 * (x / sigma.view(-1, 1)) ** 2)
+    return kernels / kernels.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Blur each image ``N x 3 x H x W`` with its own sigma: a separable ``size``-tap Gaussian,
+    borders reflected (as torchvision's ``gaussian_blur``)."""
+    n, c, h, w = x.shape
+    kernels = gaussian_kernels(sigma, size).repeat_interleave(c, dim=0)  # one per image and channel
+    pad = size // 2
+    flat = x.reshape(1, n * c, h, w)
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernels.view(n * c, 1, 1, size), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernels.view(n * c, 1, size, 1), groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+
+def view_pipeline(cfg: TrainConfig):
+    """The two halves of making a batch's views, by ``cfg.views_on``: ``(transform, finish)``.
+
+    ``transform`` runs in the data loader on each PIL image; ``finish`` runs on the training
+    device on the collated batch (a list of tensors already moved there) and returns the views.
+    ``host``: ``MultiCropAugmentation`` and a ``finish`` that returns the views as they are;
+    ``device``: ``ViewParameters`` and ``DeviceMultiCrop``.
+    """
+    if cfg.views_on == "device":
+        make = DeviceMultiCrop(cfg)
+        return ViewParameters(cfg), lambda tensors: make(*tensors)
+    return MultiCropAugmentation(cfg), lambda tensors: tensors
