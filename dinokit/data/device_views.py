@@ -59,6 +59,7 @@ class ViewParameters:
         blur, solarize = cfg.blur_prob, cfg.solarize_prob
         self.kinds = [(cfg.global_crops_scale, blur[0], solarize[0]), (cfg.global_crops_scale, blur[1], solarize[1])]
         self.kinds += [(cfg.local_crops_scale, blur[2], solarize[2])] * cfg.local_crops_number
+        self.jitter = T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)  # its factor ranges
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         if max(image.size) > self.canvas:
@@ -81,9 +82,9 @@ class ViewParameters:
             T.RandomResizedCrop.get_params(image, list(scale), list(cfg.crop_ratio)), dtype=torch.float32)
         row[P["flip"]] = float(torch.rand(1) < cfg.flip_prob)
         row[P["jitter"]] = float(torch.rand(1) < cfg.color_jitter_prob)
-        order, brightness, contrast, saturation, hue = T.ColorJitter.get_params(
-            _factor_range(cfg.brightness), _factor_range(cfg.contrast), _factor_range(cfg.saturation),
-            [-cfg.hue, cfg.hue] if cfg.hue else None)
+        j = self.jitter
+        order, brightness, contrast, saturation, hue = T.ColorJitter.get_params(j.brightness, j.contrast,
+                                                                                j.saturation, j.hue)
         row[[P[f"order_{i}"] for i in range(4)]] = order.float()
         for name, value, neutral in (("brightness", brightness, 1.0), ("contrast", contrast, 1.0),
                                      ("saturation", saturation, 1.0), ("hue", hue, 0.0)):
@@ -93,10 +94,6 @@ class ViewParameters:
         row[P["sigma"]] = torch.empty(1).uniform_(*cfg.blur_sigma).item()
         row[P["solarize"]] = float(torch.rand(1) < solarize_p)
         return row
-
-
-def _factor_range(strength: float) -> list[float] | None:
-    return [max(0.0, 1 - strength), 1 + strength] if strength else None
 
 
 class DeviceMultiCrop:
@@ -216,7 +213,6 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tens
     flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernels.view(n * c, 1, 1, size), groups=n * c)
     flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernels.view(n * c, 1, size, 1), groups=n * c)
     return flat.view(n, c, h, w)
-
 
 
 def view_pipeline(cfg: TrainConfig):
