@@ -87,7 +87,7 @@ def build_dinokit(w: dict, precision: str = "fp32"):
     autocast, hp, views = _autocast(cfg, torch.device("cpu")), _step_hyperparameters(cfg), views_for(w)
 
     def step() -> None:
-        if train_step(state, views, hp, cfg, state.student, autocast) is None:
+        if not train_step(state, views, hp, cfg, state.student, autocast)["finite"]:
             raise RuntimeError("dinokit: non-finite loss")
 
     return step

@@ -104,14 +104,16 @@ class DeviceMultiCrop:
         self.cfg = cfg
         self.sizes = [cfg.global_crops_size] * 2 + [cfg.local_crops_size] * cfg.local_crops_number
         self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)  # moved to the images' device on first use
 
     @torch.no_grad()
     def __call__(self, canvases: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
         if params.shape[1] != len(self.sizes):
             raise ValueError(f"parameters for {params.shape[1]} views, but the config makes {len(self.sizes)}")
         images = canvases.float().div_(255)
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        mean, std = self.mean, self.std
         return [(self.view(images, params[:, v], size) - mean) / std for v, size in enumerate(self.sizes)]
 
     def view(self, images: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:
@@ -120,10 +122,8 @@ class DeviceMultiCrop:
         x = torch.where(p[:, P["flip"], None, None, None] > 0, x.flip(-1), x)
         x = color_jitter(x, p)
         x = torch.where(p[:, P["grayscale"], None, None, None] > 0, grey(x).expand_as(x), x)
-        chosen = p[:, P["blur"]] > 0
-        if chosen.any():
-            kernel = blur_kernel_size(self.cfg.blur_sigma[1], size)
-            x[chosen] = gaussian_blur(x[chosen], p[chosen, P["sigma"]], kernel)
+        kernel = blur_kernel_size(self.cfg.blur_sigma[1], size)
+        x = apply_where(x, p, p[:, P["blur"]] > 0, lambda xs, ps: gaussian_blur(xs, ps[:, P["sigma"]], kernel))
         solarize = (p[:, P["solarize"], None, None, None] > 0) & (x >= SOLARIZE_THRESHOLD)
         return torch.where(solarize, 1 - x, x)
 
@@ -150,9 +150,23 @@ def color_jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     for position in range(4):
         for op, name in enumerate(JITTER_OPS):
             chosen = jitter & (p[:, P[f"order_{position}"]] == op)
-            if chosen.any():
-                x[chosen] = _JITTER[name](x[chosen], p[chosen, P[name]])
+            x = apply_where(x, p, chosen, lambda xs, ps, name=name: _JITTER[name](xs, ps[:, P[name]]))
     return x
+
+
+INDEX_ON_CPU = True  # apply_where's choice on a CPU (the tests compare both ways)
+
+
+def apply_where(x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor, op) -> torch.Tensor:
+    """``x`` (``N x 3 x H x W``) with ``op(images, their params)`` applied to the images where
+    ``chosen`` (``N`` bools) is true. On a CPU by indexing the chosen images (the least work);
+    on a GPU to every image, kept where chosen: indexing would make the host wait for the device
+    to count the chosen images, once per operation and view."""
+    if x.device.type == "cpu" and INDEX_ON_CPU:
+        if chosen.any():
+            x[chosen] = op(x[chosen], p[chosen])
+        return x
+    return torch.where(chosen.view(-1, 1, 1, 1), op(x, p), x)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -122,8 +122,7 @@ def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor]
         cache = Path(cache_dir) / f"{kind}-{key}.pt"
     if env is None or not env.distributed:
         return extract_features(backbone, images, crop_size, mean, std, cache=cache, **kwargs)
-    device = torch.device(kwargs.get("device", "cpu"))
-    if any_process(env.is_main and cache is not None and cache.exists(), device):  # process 0's cache decides
+    if any_process(env.is_main and cache is not None and cache.exists()):  # process 0's cache decides
         return Features.load(cache) if env.is_main else None
     kwargs["progress"] = kwargs.get("progress", True) and env.is_main
     features = gather_features(lambda mine: extract_features(backbone, mine, crop_size, mean, std, **kwargs),

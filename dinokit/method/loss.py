@@ -57,14 +57,18 @@ class DINOLoss(nn.Module):
         return loss, stats
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """``c <- m c + (1 - m) mean(t)``, the mean over the teacher logits of all processes."""
+    def update_center(self, teacher_logits: torch.Tensor, apply: torch.Tensor | None = None) -> None:
+        """``c <- m c + (1 - m) mean(t)``, the mean over the teacher logits of all processes.
+
+        ``apply``: a 0-d tensor, 0 keeps the centre as it is (a skipped step), decided on the device.
+        """
         batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)
-        count = torch.tensor([teacher_logits.shape[0]], dtype=torch.float32, device=teacher_logits.device)
+        count = torch.full((1,), float(teacher_logits.shape[0]), device=teacher_logits.device)  # no host copy
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
-        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+        updated = self.center * self.center_momentum + batch_sum / count * (1 - self.center_momentum)
+        self.center.copy_(updated if apply is None else torch.where(apply.bool(), updated, self.center))
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,20 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """EMA of all parameters in one multi-tensor operation (no Python loop over tensors)."""
+def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float,
+                   apply: torch.Tensor | None = None) -> None:
+    """EMA of all parameters in multi-tensor operations (no Python loop over tensors).
+
+    ``apply``: a 0-d tensor, 1 to update and 0 to leave the teacher as it is (a skipped step),
+    decided on the device so that the caller never waits for it.
+    """
     t_params = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError(f"teacher has {len(t_params)} parameter tensors, student {len(s_params)}")
-    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    if apply is None:
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+        return
+    step = apply.to(t_params[0].dtype) * (1.0 - momentum)  # 0 on a skipped step
+    torch._foreach_mul_(t_params, 1.0 - step)
+    torch._foreach_add_(t_params, torch._foreach_mul(s_params, step))

@@ -239,12 +239,15 @@ def synthetic_views(cfg: TrainConfig, device: torch.device, seed: int = 0) -> li
     return [v.to(device) for v in views]
 
 
-def pipeline_loader(cfg: TrainConfig, workers: int, device: torch.device) -> DataLoader:
-    """The training data pipeline (decode + multi-crop + collate), shuffled, repeating forever."""
+def pipeline_loader(cfg: TrainConfig, workers: int, device: torch.device, transform=None) -> DataLoader:
+    """The training data pipeline (decode + multi-crop + collate), shuffled, repeating forever.
+
+    ``transform``: the loader's half of ``view_pipeline(cfg)`` (built from ``cfg`` when not given).
+    """
     images = scan_folder(resolve_data(cfg.data))
     if len(images) < cfg.batch_size:
         raise DataError(f"batch_size {cfg.batch_size} is larger than the {len(images)} images of {images.root}")
-    dataset = ImageDataset(images, view_pipeline(cfg)[0], seed=cfg.seed)
+    dataset = ImageDataset(images, transform or view_pipeline(cfg)[0], seed=cfg.seed)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
                                              generator=torch.Generator().manual_seed(cfg.seed))
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
@@ -273,10 +276,13 @@ def measure_pipeline(cfg: TrainConfig, batches: int, workers: int = 0) -> float:
         del it
 
 
-def _batches(cfg: TrainConfig, data: str, workers: int, device: torch.device) -> Iterator[list[torch.Tensor]]:
+def _batches(cfg: TrainConfig, data: str, workers: int, device: torch.device):
+    """``(batches, finish_views)``: an endless iterator of collated batches and the function that
+    turns one, moved to ``device``, into the step's views (``views_on=device`` crops there)."""
     if data == "synthetic":
-        return itertools.repeat(synthetic_views(cfg, device))
-    return (batch.views for batch in pipeline_loader(cfg, workers, device))
+        return itertools.repeat(synthetic_views(cfg, device)), lambda views: views
+    transform, finish_views = view_pipeline(cfg)
+    return (batch.views for batch in pipeline_loader(cfg, workers, device, transform)), finish_views
 
 
 def _step_hyperparameters(cfg: TrainConfig) -> dict[str, float]:
@@ -328,8 +334,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         torch.cuda.set_device(device)
     load_before = load_average()
     workers = 0 if data == "synthetic" else _num_workers(cfg, device)
-    batches = _batches(cfg, data, workers, device)  # first: a bad data folder fails fast
-    finish_views = view_pipeline(cfg)[1] if data == "pipeline" else (lambda views: views)  # views_on=device
+    batches, finish_views = _batches(cfg, data, workers, device)  # first: a bad data folder fails fast
     torch.manual_seed(cfg.seed)
     state = build_state(cfg, device)
     autocast = _autocast(cfg, device)
@@ -343,20 +348,20 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         state.teacher.backbone.compile()
 
     timer = PhaseTimer(device)
-    skipped = 0
+    finite: list[torch.Tensor] = []  # per timed step, on the device: read once at the end
     first_step_s = 0.0
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(device)
             timer.reset()
-            skipped = 0
+            finite.clear()
             start, cpu_start = time.perf_counter(), time.process_time()
         with timer.host("data"):
             views = [v.to(device, non_blocking=True) for v in next(batches)]
         with timer("views"):  # views_on=device: crops and colours on the device (else nothing)
             views = finish_views(views)
         t0 = time.perf_counter()
-        skipped += train_step(state, views, hp, cfg, state.student, autocast, timer=timer) is None
+        finite.append(train_step(state, views, hp, cfg, state.student, autocast, timer=timer)["finite"])
         if i == 0:
             synchronize(device)
             first_step_s = time.perf_counter() - t0
@@ -384,7 +389,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         peak_memory_mib=memory,
         memory_kind=memory_kind,
         first_step_s=first_step_s,
-        skipped_steps=skipped,
+        skipped_steps=int(len(finite) - torch.stack(finite).sum().item()),
         flops_per_step=flops,
         matmul_tflops=matmul / 1e12 if matmul else None,
         mfu=mfu,

@@ -125,6 +125,7 @@ def init_distributed(device: torch.device) -> DistEnv:
 
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
+        _HOST_GROUPS.clear()
         dist.destroy_process_group()
 
 
@@ -169,22 +170,37 @@ def mean_over_processes(values: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return dict(zip(values, stacked.unbind()))
 
 
-def sum_over_processes(counts: list[int], device: torch.device) -> list[int]:
+def sum_over_processes(counts: list[int]) -> list[int]:
     """Integer counts summed over all processes (returned as they are without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return counts
-    value = torch.tensor(counts, dtype=torch.float64, device=device)
-    dist.all_reduce(value)
+    value = torch.tensor(counts, dtype=torch.float64)
+    dist.all_reduce(value, group=host_group())
     return [int(v) for v in value.tolist()]
 
 
-def any_process(flag: bool, device: torch.device) -> bool:
+def any_process(flag: bool) -> bool:
     """True on every process when ``flag`` is true on at least one (so that all stop together)."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=host_group())
     return bool(value.item())
+
+
+_HOST_GROUPS: dict[Any, Any] = {}
+
+
+def host_group():
+    """The process group for host-side values (flags, counts): the default group under gloo;
+    under NCCL a gloo group of the same processes, made on first use (by all of them, since every
+    caller is collective). Reducing a CPU tensor there never waits for the GPU to drain its
+    queue, as ``.item()`` on an NCCL result would: the training loop asks every step."""
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if dist.group.WORLD not in _HOST_GROUPS:
+        _HOST_GROUPS[dist.group.WORLD] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS[dist.group.WORLD]
 
 
 @contextlib.contextmanager

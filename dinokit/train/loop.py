@@ -42,7 +42,7 @@ from dinokit.train.distributed import (DistEnv, any_process, check_agreement, fi
 from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
                                 read_sharded_args, save_sharded, shard)
 from dinokit.train.monitor import Monitor, StallWatch
-from dinokit.train.optim import build_optimizer, clip_gradients, set_hyperparameters
+from dinokit.train.optim import build_optimizer, clip_gradients, set_hyperparameters, step_if_finite
 
 
 class TrainingError(RuntimeError):
@@ -106,9 +106,14 @@ def build_state(cfg: TrainConfig, device: torch.device) -> DINOState:
 
 
 def train_step(state: DINOState, views: list[torch.Tensor], hp: dict[str, float], cfg: TrainConfig,
-               student: nn.Module, autocast, timer=None) -> dict[str, torch.Tensor] | None:
-    """One DINO step on a batch of views (``views[:2]`` global). Returns the step's metrics, or
-    ``None`` when the loss or a gradient was not finite (then nothing was updated).
+               student: nn.Module, autocast, timer=None) -> dict[str, torch.Tensor]:
+    """One DINO step on a batch of views (``views[:2]`` global). Returns the step's metrics as
+    0-d tensors, among them ``finite``: 0 when the loss or a gradient was not finite, and then
+    nothing was updated (optimizer, teacher, centre).
+
+    Nothing here waits for the device: the skip is decided there (the fused AdamW's
+    ``found_inf``, a masked EMA and centre update), except with an unfused optimizer (FSDP
+    shards, PyTorch before 2.4 on a CPU), which asks the host.
 
     ``student`` is ``state.student`` or its DDP wrapper. ``timer(phase)``, when given, returns a
     context manager that times each phase of the step (``dinokit bench``).
@@ -129,18 +134,49 @@ def train_step(state: DINOState, views: list[torch.Tensor], hp: dict[str, float]
     with phase("optimizer"):
         params = [p for p in state.student.parameters() if p.requires_grad]
         grad_norms = clip_gradients(params, cfg.clip_grad)
-        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norms).all()):
-            state.optimizer.zero_grad(set_to_none=True)
-            return None
+        finite = (torch.isfinite(loss) & torch.isfinite(grad_norms).all()).float()
         if hp["freeze_last_layer"]:
             for p in state.student.head.last_layer.parameters():
                 p.grad = None
-        state.optimizer.step()
+        if not step_if_finite(state.optimizer, finite):
+            return {"loss": loss.detach(), **stats, "finite": finite}
     with phase("ema"):
-        update_teacher(state.teacher, state.student, hp["momentum"])
+        update_teacher(state.teacher, state.student, hp["momentum"], apply=finite)
     with phase("centre"):
-        state.loss.update_center(teacher_logits)
-    return {"loss": loss.detach(), **stats}
+        state.loss.update_center(teacher_logits, apply=finite)
+    return {"loss": loss.detach(), **stats, "finite": finite}
+
+
+class _SkippedSteps:
+    """The steps skipped for a non-finite loss or gradient. Each step's ``finite`` flag stays on
+    the device; ``check()`` (every ``log_every`` steps and before a checkpoint, on every process)
+    reads them at once, warns about each skipped step and stops the run after ``limit`` in a row."""
+
+    def __init__(self, limit: int, write, checkpoint_path: Path) -> None:
+        self.limit, self.write, self.checkpoint_path = limit, write, checkpoint_path
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.in_a_row = 0
+
+    def record(self, step: int, finite: torch.Tensor) -> None:
+        self.pending.append((step, finite))
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        flags = torch.stack([finite for _, finite in self.pending]).tolist()
+        steps = [step for step, _ in self.pending]
+        self.pending.clear()
+        for step, finite in zip(steps, flags):
+            if finite:
+                self.in_a_row = 0
+                continue
+            self.in_a_row += 1
+            self.write(f"warning: step {step} skipped (non-finite loss or gradient)")
+            if self.in_a_row >= self.limit:
+                raise TrainingError(
+                    f"{self.in_a_row} steps in a row had a non-finite loss or gradient; the last checkpoint "
+                    f"({self.checkpoint_path}) holds finite weights. Likely causes: lr too high for the batch "
+                    "size, fp16 overflow, a teacher temperature too low, corrupted images")
 
 
 class _StopSignal:
@@ -319,6 +355,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
         knn.run("raw pixels", nn.Flatten(), monitor, state.step, env)
 
     def checkpoint(tag: str | None = None) -> None:
+        skipped.check()  # a run that only skips steps stops before saving
         monitor.flush()
         keep = out / f"checkpoint_{tag}" if tag and cfg.keep_checkpoints else None
         if cfg.strategy == "fsdp":  # every process writes its shards; loads on any number of processes
@@ -333,7 +370,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                 for old in sorted(out.glob(f"checkpoint_epoch*{suffix}"))[:-cfg.keep_checkpoints]:
                     shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
-    bad_in_epoch, seen_in_epoch, nonfinite_run = 0, 0, 0
+    bad_in_epoch, seen_in_epoch = 0, 0
+    skipped = _SkippedSteps(cfg.max_nonfinite_steps, monitor.write, ckpt_path)
     interrupted = False
     with _StopSignal() as stop, StallWatch(monitor.write) as stall:
         waited_since = time.perf_counter()
@@ -348,28 +386,21 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             seen_in_epoch += len(batch) + len(batch.failed)
             hp = schedules.at(step)
             torch.manual_seed(sample_seed(cfg.seed, 1_000_003 + env.rank, step))  # drop path
-            metrics = None
-            if not any_process(not len(batch), device):  # all processes step, or none (DDP would hang)
+            if any_process(not len(batch)):  # all processes step, or none (DDP would hang)
+                monitor.write(f"warning: step {step} skipped (no readable image in a batch)")
+            else:
                 views = finish_views([v.to(device, non_blocking=True) for v in batch.views])
                 metrics = train_step(state, views, hp, cfg, student, autocast)
-            if metrics is None:
-                nonfinite_run += bool(len(batch))
-                monitor.write(f"warning: step {step} skipped (non-finite loss or gradient, or no readable image)")
-                if nonfinite_run >= cfg.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"{nonfinite_run} steps in a row had a non-finite loss or gradient; the last checkpoint "
-                        f"({ckpt_path}) holds finite weights. Likely causes: lr too high for the batch size, "
-                        "fp16 overflow, a teacher temperature too low, corrupted images")
-            else:
-                nonfinite_run = 0
+                skipped.record(step, metrics["finite"])
                 monitor.step(step, epoch, {**mean_over_processes(metrics), **hp}, data_wait)
             state.step += 1
             if state.step % cfg.log_every == 0:
+                skipped.check()
                 monitor.flush()
 
             end_of_epoch = state.step % steps_per_epoch == 0
             if end_of_epoch:
-                bad_in_epoch, seen_in_epoch = sum_over_processes([bad_in_epoch, seen_in_epoch], device)
+                bad_in_epoch, seen_in_epoch = sum_over_processes([bad_in_epoch, seen_in_epoch])
                 if bad_in_epoch:
                     monitor.event("bad_images", {"epoch": epoch, "failed": bad_in_epoch, "seen": seen_in_epoch}, step)
                     monitor.write(f"epoch {epoch}: {bad_in_epoch} of {seen_in_epoch} images could not be read")
@@ -383,7 +414,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                     knn.run(f"epoch {epoch + 1}", knn_backbone(), monitor, state.step, env)
             elif cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                 checkpoint()
-            if any_process(stop.received is not None, device):  # all processes stop at the same step
+            if any_process(stop.received is not None):  # all processes stop at the same step
                 interrupted = True
                 if not end_of_epoch:
                     checkpoint()
@@ -391,6 +422,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             stall.tick()  # k-NN and checkpoints above are not waiting for data
             waited_since = time.perf_counter()
 
+    skipped.check()
     if not interrupted and knn.enabled and "final" not in knn.results:
         knn.run("final", knn_backbone(), monitor, state.step, env)
     monitor.close()

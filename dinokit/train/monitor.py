@@ -51,6 +51,7 @@ class Monitor:
             return
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         rows = [{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in row.items()} for row in self.pending]
+        rows = [row for row in rows if row.pop("finite", 1.0)]  # a skipped step updated nothing: not a row
         for row in rows:
             self.metrics_file.write(json.dumps(row) + "\n")
             if self.tb is not None:
@@ -58,14 +59,15 @@ class Monitor:
                     if key not in ("step", "epoch") and isinstance(value, (int, float)):
                         self.tb.add_scalar(f"train/{key}", value, row["step"])
         self.metrics_file.flush()
-        last = rows[-1]
-        self.bar.set_postfix(
-            loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", T_t=f"{last['teacher_temp']:.3f}",
-            m=f"{last['momentum']:.4f}", H_t=f"{last['teacher_entropy']:.2f}",
-            H_batch=f"{last['teacher_batch_entropy']:.2f}",
-            img_s=f"{self.window_steps * self.images_per_step / elapsed:.1f}",
-            data=f"{100 * self.window_data_wait / elapsed:.0f}%",
-        )
+        if rows:
+            last = rows[-1]
+            self.bar.set_postfix(
+                loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", T_t=f"{last['teacher_temp']:.3f}",
+                m=f"{last['momentum']:.4f}", H_t=f"{last['teacher_entropy']:.2f}",
+                H_batch=f"{last['teacher_batch_entropy']:.2f}",
+                img_s=f"{self.window_steps * self.images_per_step / elapsed:.1f}",
+                data=f"{100 * self.window_data_wait / elapsed:.0f}%",
+            )
         self.pending.clear()
         self.window_start, self.window_steps, self.window_data_wait = time.perf_counter(), 0, 0.0
 

@@ -47,6 +47,21 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_deca
             group["weight_decay"] = weight_decay
 
 
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool:
+    """``optimizer.step()`` unless ``finite`` (a 0-d tensor) is 0. A fused optimizer decides on
+    the device (its ``found_inf``, as with a gradient scaler), so the host does not wait, and
+    this returns True; otherwise the host reads ``finite`` and returns whether it stepped."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = 1.0 - finite  # the fused kernels leave every tensor as it is when 1
+        optimizer.step()
+        return True
+    if not bool(finite):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
 @torch.no_grad()
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Scale each gradient tensor whose L2 norm exceeds ``max_norm`` down to it (the reference's

@@ -9,6 +9,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from dinokit.config import TrainConfig
+from dinokit.data import device_views
 from dinokit.data.datasets import ImageDataset, collate_views
 from dinokit.data.device_views import (NUM_PARAMS, P, DeviceMultiCrop, ViewParameters, adjust_hue, crop_and_resize,
                                        gaussian_blur)
@@ -93,8 +94,6 @@ def test_crop_and_resize_matches_torchvision():
 @pytest.mark.parametrize("name, factor", [("brightness", 1.3), ("contrast", 0.7), ("saturation", 1.2), ("hue", 0.08),
                                           ("hue", -0.1)])
 def test_colour_operations_match_torchvision(name, factor):
-    from dinokit.data import device_views
-
     image = as_float(photo(1))
     ours = getattr(device_views, f"adjust_{name}")(image[None].clone(), torch.tensor([factor]))[0]
     reference = getattr(TF, f"adjust_{name}")(image, factor)
@@ -161,6 +160,36 @@ def test_device_views_have_the_host_views_statistics(textures_dir):
     for v in range(cfg.local_crops_number + 2):
         for stat in (torch.mean, torch.std):
             assert abs(stat(device[v]) - stat(host.views[v])) < 0.15, (v, stat)
+
+
+def test_masked_operations_equal_indexed_ones(monkeypatch):
+    """The GPU's way (every image transformed, kept where chosen) gives the CPU's (the chosen
+    images indexed), here both on the CPU."""
+    make = ViewParameters(CFG)
+    torch.manual_seed(4)
+    samples = [make(photo(i)) for i in range(8)]
+    canvases, params = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+    indexed = DeviceMultiCrop(CFG)(canvases, params)
+    monkeypatch.setattr(device_views, "INDEX_ON_CPU", False)
+    masked = DeviceMultiCrop(CFG)(canvases, params)
+    for a, b in zip(indexed, masked):
+        assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_views_never_wait_for_the_gpu():
+    make = ViewParameters(CFG)
+    torch.manual_seed(5)
+    samples = [make(photo(i)) for i in range(8)]
+    canvases, params = torch.stack([s[0] for s in samples]).cuda(), torch.stack([s[1] for s in samples]).cuda()
+    device_views_of = DeviceMultiCrop(CFG)
+    device_views_of(canvases, params)  # first call: lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        device_views_of(canvases, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

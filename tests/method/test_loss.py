@@ -54,6 +54,15 @@ def test_centre_update_is_an_ema_of_the_batch_mean():
     assert set(loss_fn.state_dict()) == {"center"}
 
 
+def test_masked_centre_update_keeps_the_centre_on_a_skipped_step():
+    loss_fn = DINOLoss(4, center_momentum=0.9)
+    t = torch.randn(6, 4)
+    loss_fn.update_center(t, apply=torch.tensor(0.0))
+    assert torch.equal(loss_fn.center, torch.zeros(1, 4))
+    loss_fn.update_center(t, apply=torch.tensor(1.0))
+    assert torch.allclose(loss_fn.center, 0.1 * t.mean(0, keepdim=True))
+
+
 def test_collapse_signals():
     k = 16
     loss_fn = DINOLoss(k)

@@ -28,3 +28,19 @@ def test_multi_tensor_ema_equals_per_parameter_formula():
     update_teacher(teacher, student, 1.0)  # momentum 1: unchanged
     for p, e in zip(teacher.parameters(), expected):
         assert torch.allclose(p, e, atol=1e-7)
+
+
+def test_masked_ema_updates_on_one_and_leaves_the_teacher_on_zero():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4))
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before = [t.clone() for t in teacher.parameters()]
+    update_teacher(teacher, student, 0.9, apply=torch.tensor(0.0))
+    for p, b in zip(teacher.parameters(), before):
+        assert torch.equal(p, b)
+    update_teacher(teacher, student, 0.9, apply=torch.tensor(1.0))
+    for p, b, s in zip(teacher.parameters(), before, student.parameters()):
+        assert torch.allclose(p, 0.9 * b + 0.1 * s, atol=1e-7)

@@ -139,3 +139,23 @@ def test_pipeline_batches_are_pinned_for_cuda(textures_dir):
 
     batch = next(iter(pipeline_loader(_tiny_cfg(data=str(textures_dir), device="cuda"), 0, torch.device("cuda"))))
     assert all(v.is_pinned() for v in batch.views)
+
+
+@cuda
+def test_a_training_step_never_waits_for_the_gpu():
+    from dinokit.train.bench import _step_hyperparameters
+    from dinokit.train.loop import train_step
+
+    device = torch.device("cuda")
+    cfg = _tiny_cfg(device="cuda")
+    state = build_state(cfg, device)
+    views, hp = _views(cfg, device), _step_hyperparameters(cfg)
+    train_step(state, views, hp, cfg, state.student, _autocast(cfg, device))  # first step: lazy state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        metrics = train_step(state, views, hp, cfg, state.student, _autocast(cfg, device))
+        skipped = train_step(state, [v * float("inf") for v in views], hp, cfg, state.student, _autocast(cfg, device))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert metrics["finite"].item() == 1 and skipped["finite"].item() == 0
