@@ -57,10 +57,11 @@ class DINOLoss(nn.Module):
         return loss, stats
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: torch.Tensor, apply: torch.Tensor | None = None) -> None:
+    def update_center(self, teacher_logits: torch.Tensor, apply: torch.Tensor | float = 1.0) -> None:
         """``c <- m c + (1 - m) mean(t)``, the mean over the teacher logits of all processes.
 
-        ``apply``: a 0-d tensor, 0 keeps the centre as it is (a skipped step), decided on the device.
+        ``apply``: 0 keeps the centre as it is (a skipped step); a 0-d tensor when that is decided
+        on the device. Every process must call this (the mean is all-reduced).
         """
         batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)
         count = torch.full((1,), float(teacher_logits.shape[0]), device=teacher_logits.device)  # no host copy
@@ -68,7 +69,11 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         updated = self.center * self.center_momentum + batch_sum / count * (1 - self.center_momentum)
-        self.center.copy_(updated if apply is None else torch.where(apply.bool(), updated, self.center))
+        if isinstance(apply, torch.Tensor):
+            updated = torch.where(apply.bool(), updated, self.center)
+        elif not apply:
+            return
+        self.center.copy_(updated)
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:

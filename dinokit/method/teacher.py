@@ -21,18 +21,19 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float,
-                   apply: torch.Tensor | None = None) -> None:
+                   apply: torch.Tensor | float = 1.0) -> None:
     """EMA of all parameters in multi-tensor operations (no Python loop over tensors).
 
-    ``apply``: a 0-d tensor, 1 to update and 0 to leave the teacher as it is (a skipped step),
-    decided on the device so that the caller never waits for it.
+    ``apply``: 1 to update, 0 to leave the teacher as it is (a skipped step); a 0-d tensor when
+    that is decided on the device, so that the caller never waits for it.
     """
     t_params = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
     if len(t_params) != len(s_params):
         raise ValueError(f"teacher has {len(t_params)} parameter tensors, student {len(s_params)}")
-    if apply is None:
-        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    if not isinstance(apply, torch.Tensor):
+        if apply:
+            torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
         return
     step = apply.to(t_params[0].dtype) * (1.0 - momentum)  # 0 on a skipped step
     torch._foreach_mul_(t_params, 1.0 - step)

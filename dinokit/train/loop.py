@@ -138,12 +138,11 @@ def train_step(state: DINOState, views: list[torch.Tensor], hp: dict[str, float]
         if hp["freeze_last_layer"]:
             for p in state.student.head.last_layer.parameters():
                 p.grad = None
-        if not step_if_finite(state.optimizer, finite):
-            return {"loss": loss.detach(), **stats, "finite": finite}
+        stepped = step_if_finite(state.optimizer, finite)
     with phase("ema"):
-        update_teacher(state.teacher, state.student, hp["momentum"], apply=finite)
+        update_teacher(state.teacher, state.student, hp["momentum"], apply=stepped)
     with phase("centre"):
-        state.loss.update_center(teacher_logits, apply=finite)
+        state.loss.update_center(teacher_logits, apply=stepped)
     return {"loss": loss.detach(), **stats, "finite": finite}
 
 

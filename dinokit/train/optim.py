@@ -47,19 +47,21 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_deca
             group["weight_decay"] = weight_decay
 
 
-def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> bool:
-    """``optimizer.step()`` unless ``finite`` (a 0-d tensor) is 0. A fused optimizer decides on
-    the device (its ``found_inf``, as with a gradient scaler), so the host does not wait, and
-    this returns True; otherwise the host reads ``finite`` and returns whether it stepped."""
-    if optimizer.defaults.get("fused"):
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> torch.Tensor | float:
+    """``optimizer.step()`` unless ``finite`` (a 0-d tensor) is 0. Returns whether the step was
+    taken, for the updates that follow (``update_teacher``, ``update_center``) to honour: a fused
+    optimizer decides on the device (its ``found_inf``, as with a gradient scaler), so the host
+    does not wait, and the answer is ``finite`` itself; otherwise (FSDP's sharded parameters) the
+    host reads ``finite`` and the answer is 1.0 or 0.0."""
+    if all(group.get("fused") for group in optimizer.param_groups):  # (a loaded state dict sets the groups')
         optimizer.found_inf = 1.0 - finite  # the fused kernels leave every tensor as it is when 1
         optimizer.step()
-        return True
+        return finite
     if not bool(finite):
         optimizer.zero_grad(set_to_none=True)
-        return False
+        return 0.0
     optimizer.step()
-    return True
+    return 1.0
 
 
 @torch.no_grad()
@@ -76,4 +78,5 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         torch._foreach_mul_(scales, max_norm)
         torch._foreach_clamp_max_(scales, 1.0)
         torch._foreach_mul_(grads, scales)
-    return torch.stack(norms)
+    norms = torch.stack(norms)
+    return norms.full_tensor() if hasattr(norms, "full_tensor") else norms  # FSDP: a DTensor, made whole
