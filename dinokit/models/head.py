@@ -23,7 +23,7 @@ class WeightNormLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))  # one pass over K x d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)

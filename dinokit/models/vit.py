@@ -34,18 +34,42 @@ class Attention(nn.Module):
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]  # each B x heads x T x d_head
+        qkv = self.qkv(x).view(b, t, 3, self.num_heads, d // self.num_heads)
+        # unbind + transpose views: their backward stacks the three gradients straight into the
+        # layout of qkv's output (indexing qkv[i] would zero-fill and add three full-size copies)
+        q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))
+        return q, k, v  # each B x heads x T x d_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if _explicit_attention(q):
+            out = self._weights(q, k).to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).flatten(2))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights, ``B x heads x T x T`` (rows sum to 1)."""
         q, k, _ = self._qkv(x)
-        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        return self._weights(q, k)
+
+    @staticmethod
+    def _weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d_head))``, the softmax in fp32: ``B x heads x T x T``."""
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).float().softmax(dim=-1)
+
+
+#: Longest sequence for which bf16 attention on a CPU is faster written out than through
+#: ``scaled_dot_product_attention``, whose CPU flash kernel is 2.5-10x slower in bf16 at
+#: 17-197 tokens (forward + backward, 2 threads) and faster at 785.
+CPU_BF16_EXPLICIT_MAX_TOKENS = 256
+
+
+def _explicit_attention(q: torch.Tensor) -> bool:
+    """Whether to write the attention out instead of calling the fused kernel: on a CPU in a
+    16-bit dtype (bf16 autocast), for sequences up to ``CPU_BF16_EXPLICIT_MAX_TOKENS``."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-2] <= CPU_BF16_EXPLICIT_MAX_TOKENS)
 
 
 class Mlp(nn.Module):

@@ -54,6 +54,30 @@ def test_sdpa_attention_equals_explicit_softmax():
     assert torch.allclose(block.attn(x), explicit, atol=1e-5)
 
 
+def test_bf16_attention_on_cpu_is_written_out_for_short_sequences(monkeypatch):
+    """In bf16 on a CPU, up to CPU_BF16_EXPLICIT_MAX_TOKENS the attention is computed by hand
+    (softmax in fp32), beyond it by scaled_dot_product_attention; both equal fp32 to bf16 tolerance."""
+    import dinokit.models.vit as vit_module
+
+    torch.manual_seed(0)
+    attn = vit("vit_tiny", patch_size=8, img_size=32).blocks[0].attn
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(vit_module.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape[-2]) or sdpa(*a, **k))
+    for tokens in (17, vit_module.CPU_BF16_EXPLICIT_MAX_TOKENS + 1):
+        x = torch.randn(2, tokens, 192, requires_grad=True)
+        expected = attn(x)
+        (grad_fp32,) = torch.autograd.grad(expected.square().sum(), x)
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x)
+        assert out.dtype == torch.bfloat16
+        assert calls == ([] if tokens <= vit_module.CPU_BF16_EXPLICIT_MAX_TOKENS else [tokens])
+        (grad_bf16,) = torch.autograd.grad(out.float().square().sum(), x)
+        assert torch.allclose(out.float(), expected, atol=0.02, rtol=0.02)
+        assert torch.allclose(grad_bf16, grad_fp32, atol=0.05 * grad_fp32.abs().max().item())
+
+
 def test_drop_path_rises_linearly_and_is_off_in_eval():
     model = vit("vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.1)
     rates = [b.drop_path for b in model.blocks]
