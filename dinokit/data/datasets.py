@@ -10,6 +10,7 @@ its path so the training loop can count and log it.
 from __future__ import annotations
 
 import hashlib
+import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,6 +66,16 @@ class Batch:
 
     def pin_memory(self) -> "Batch":
         return Batch([v.pin_memory() for v in self.views], self.labels.pin_memory(), self.indices.pin_memory(), self.failed)
+
+
+def leave_stop_signals_to_main(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM, so that a signal sent
+    to the whole process group (Ctrl-C in a terminal, SLURM's preemption, ``kill -- -PGID``) reaches
+    the main process alone, which checkpoints and shuts the workers down. Without it a worker dies
+    of the signal and the main process fails with "DataLoader worker is killed by signal" before it
+    can save. A worker whose main process dies still exits (PyTorch's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate_views(samples: list) -> Batch:

@@ -108,10 +108,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(textures_dir, tmp_path,
     assert not (tmp_path / "nan" / "checkpoint.pth").exists()  # nothing finite to save was ever reached
 
 
-def _launch(cfg_path: Path, extra_env: dict | None = None) -> subprocess.Popen:
+def _launch(cfg_path: Path, extra_env: dict | None = None, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "dinokit", "train", "--config", str(cfg_path)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def _steps_logged(out: Path) -> int:
@@ -180,3 +180,19 @@ def test_sigterm_saves_and_explains_how_to_resume(textures_dir, tmp_path):
     step = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["step"]
     assert 3 <= step < 32
     assert train(cfg).steps == 32
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(textures_dir, tmp_path):
+    """SLURM's preemption and ``kill -- -PGID`` signal the data loader workers too: they must leave
+    the signal to the main process (they used to die of it, and the main process with them)."""
+    cfg = tiny_config(textures_dir, tmp_path / "run", epochs=4, num_workers=2)
+    cfg_path = tmp_path / "run.yaml"
+    cfg.to_yaml(cfg_path)
+    proc = _launch(cfg_path, start_new_session=True)  # its own process group, as under a launcher
+    _wait_for(lambda: _steps_logged(tmp_path / "run") >= 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert "killed by signal" not in output and "Traceback" not in output, output
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert f"dinokit train --out {tmp_path / 'run'}" in output
+    assert 3 <= load_checkpoint(tmp_path / "run" / "checkpoint.pth")["step"] < 32
