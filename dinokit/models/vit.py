@@ -66,10 +66,9 @@ CPU_BF16_EXPLICIT_MAX_TOKENS = 256
 
 
 def _explicit_attention(q: torch.Tensor) -> bool:
-    """Whether to write the attention out instead of calling the fused kernel: on a CPU in a
-    16-bit dtype (bf16 autocast), for sequences up to ``CPU_BF16_EXPLICIT_MAX_TOKENS``."""
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-2] <= CPU_BF16_EXPLICIT_MAX_TOKENS)
+    """Whether to write the attention out instead of calling the fused kernel: on a CPU in bf16
+    (autocast), for sequences up to ``CPU_BF16_EXPLICIT_MAX_TOKENS`` (measured for bf16 only)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= CPU_BF16_EXPLICIT_MAX_TOKENS
 
 
 class Mlp(nn.Module):
