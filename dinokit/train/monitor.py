@@ -1,12 +1,14 @@
 """What a run tells its user: a progress bar, ``metrics.jsonl`` and TensorBoard events.
 
 Only the main process writes. Per-step values are buffered as tensors and written every
-``log_every`` steps, so the GPU is not synchronised each step for logging.
+``log_every`` steps, so the GPU is not synchronised each step for logging. A resumed run first
+drops what was logged after the checkpoint it resumes from, so each step is in the record once.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -24,13 +26,17 @@ class Monitor:
         self.pending: list[dict[str, Any]] = []
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not enabled,
                         dynamic_ncols=True)
-        self.metrics_file = open(out / "metrics.jsonl", "a") if enabled else None
+        self.metrics_file = None
+        if enabled:
+            forget_after(out / "metrics.jsonl", start_step)
+            self.metrics_file = open(out / "metrics.jsonl", "a")
         self.tb = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                # TensorBoard hides what an earlier attempt logged after the resumed checkpoint
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 tqdm.write("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
         self.window_start = time.perf_counter()
@@ -93,6 +99,29 @@ class Monitor:
             self.metrics_file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def forget_after(path: Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` for a run resuming from the checkpoint taken after ``step`` steps:
+    step rows from ``step`` on (they are about to be redone), events after it (an evaluation of a
+    later checkpoint that was never saved) and a line torn by a kill go; the rest is kept, in order."""
+    if not path.exists():
+        return
+    tmp, changed = path.with_name(f".{path.name}.tmp"), False
+    with open(path) as src, open(tmp, "w") as dst:
+        for line in src:
+            try:
+                row = json.loads(line)
+                keep = line.endswith("\n") and (row["step"] <= step if "event" in row else row["step"] < step)
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                dst.write(line)
+            changed |= not keep
+    if changed:
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
 
 
 class StallWatch:

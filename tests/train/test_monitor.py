@@ -1,6 +1,7 @@
+import json
 import time
 
-from dinokit.train.monitor import StallWatch
+from dinokit.train.monitor import StallWatch, forget_after
 
 
 def test_a_stalled_data_source_is_reported_and_its_recovery_too():
@@ -21,3 +22,16 @@ def test_a_healthy_data_source_is_silent():
             time.sleep(0.05)
             watch.tick()
     assert messages == []
+
+
+def test_a_resumed_run_forgets_what_was_logged_after_its_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"event": "knn", "step": 0, "top1": 10.0}] + [{"step": s, "loss": 9.0 - s} for s in range(6)]
+    rows += [{"event": "knn", "step": 4, "top1": 20.0}, {"event": "knn", "step": 6, "top1": 30.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')  # torn by a kill
+    forget_after(path, 4)  # the checkpoint holds 4 steps: steps 4 and 5 are redone, the k-NN at 6 is gone
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:5] + [rows[7]]
+    before = path.read_text()
+    forget_after(path, 4)
+    assert path.read_text() == before and not (tmp_path / ".metrics.jsonl.tmp").exists()
+    forget_after(tmp_path / "absent.jsonl", 3)

@@ -165,6 +165,12 @@ def test_sigkill_at_any_moment_loses_nothing(textures_dir, tmp_path):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
     assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+    assert _loss_by_step(out) == _loss_by_step(tmp_path / "reference")  # each step logged once, as if never killed
+
+
+def _loss_by_step(out: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
 
 
 def test_sigterm_saves_and_explains_how_to_resume(textures_dir, tmp_path):
