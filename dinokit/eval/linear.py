@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
-from dinokit.data.datasets import ImageDataset, collate_views
+from dinokit.data.datasets import ImageDataset, collate_views, leave_stop_signals_to_main
 from dinokit.data.folders import ImageList
 from dinokit.data.transforms import BICUBIC
 from dinokit.eval.features import Features, cached_features, check_label_sets, relabel
@@ -184,7 +184,8 @@ def linear_probe(backbone: nn.Module, train_images: ImageList, test_images: Imag
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             keys = [(epoch, i) for i in order.tolist()]
             loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers,
-                                collate_fn=collate_views, pin_memory=device.type == "cuda")
+                                collate_fn=collate_views, pin_memory=device.type == "cuda",
+                                worker_init_fn=leave_stop_signals_to_main)
             for batch in loader:
                 if len(batch):
                     with autocast:

@@ -247,6 +247,16 @@ class _Knn:
     def enabled(self) -> bool:
         return self.val_images is not None
 
+    def due(self, epochs_done: int, total_epochs: int) -> str | None:
+        """The name of the periodic evaluation not yet made after ``epochs_done`` whole epochs
+        (None when none is due; the last epoch has the final one instead)."""
+        every = self.cfg.knn_every
+        name = f"epoch {epochs_done}"
+        if self.enabled and every and 0 < epochs_done < total_epochs and epochs_done % every == 0 \
+                and name not in self.results:
+            return name
+        return None
+
     def run(self, name: str, backbone: nn.Module, monitor: Monitor, step: int, env: DistEnv) -> None:
         """Called on every process: each extracts the features of its share of the images; the
         main process gathers them, scores and writes."""
@@ -353,6 +363,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     if knn.enabled and "untrained" not in knn.results:
         knn.run("untrained", knn_backbone(), monitor, state.step, env)
         knn.run("raw pixels", nn.Flatten(), monitor, state.step, env)
+    if state.step % steps_per_epoch == 0 and (name := knn.due(state.step // steps_per_epoch, cfg.epochs)):
+        knn.run(name, knn_backbone(), monitor, state.step, env)  # the last attempt stopped before making it
 
     def checkpoint(tag: str | None = None) -> None:
         skipped.check()  # a run that only skips steps stops before saving
@@ -409,9 +421,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                                             f" more than max_bad_fraction={cfg.max_bad_fraction}; check the data folder")
                 bad_in_epoch = seen_in_epoch = 0
                 checkpoint(f"epoch{epoch + 1:04d}")
-                if knn.enabled and cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 \
-                        and state.step < schedules.total_steps:
-                    knn.run(f"epoch {epoch + 1}", knn_backbone(), monitor, state.step, env)
+                if name := knn.due(epoch + 1, cfg.epochs):
+                    knn.run(name, knn_backbone(), monitor, state.step, env)
             elif cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                 checkpoint()
             if any_process(stop.received is not None):  # all processes stop at the same step

@@ -130,6 +130,25 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+def test_a_run_stopped_during_an_epoch_end_knn_makes_it_when_resumed(textures_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(textures_dir, tmp_path / "run", val_fraction=0.25, knn_k=(1, 5), knn_every=1, epochs=3)
+    real_run = loop._Knn.run
+
+    def dies_in_epoch_2(self, name, *args):
+        if name == "epoch 2":
+            raise RuntimeError("killed while evaluating")
+        real_run(self, name, *args)
+
+    monkeypatch.setattr(loop._Knn, "run", dies_in_epoch_2)
+    with pytest.raises(RuntimeError, match="killed while evaluating"):
+        train(cfg)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 2  # saved before the k-NN began
+    monkeypatch.setattr(loop._Knn, "run", real_run)
+    train(cfg)
+    assert list(json.loads((tmp_path / "run" / "knn.json").read_text())) == \
+        ["untrained", "raw pixels", "epoch 1", "epoch 2", "final"]
+
+
 def test_sigkill_at_any_moment_loses_nothing(textures_dir, tmp_path):
     reference = tiny_config(textures_dir, tmp_path / "reference", checkpoint_every_steps=1)
     train(reference)
