@@ -10,7 +10,9 @@ its path so the training loop can count and log it.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,14 +70,30 @@ class Batch:
         return Batch([v.pin_memory() for v in self.views], self.labels.pin_memory(), self.indices.pin_memory(), self.failed)
 
 
-def leave_stop_signals_to_main(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM, so that a signal sent
-    to the whole process group (Ctrl-C in a terminal, SLURM's preemption, ``kill -- -PGID``) reaches
-    the main process alone, which checkpoints and shuts the workers down. Without it a worker dies
-    of the signal and the main process fails with "DataLoader worker is killed by signal" before it
-    can save. A worker whose main process dies still exits (PyTorch's watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class StopSignalsToMain:
+    """DataLoader ``worker_init_fn`` (make it in the main process): the worker ignores SIGINT, and
+    SIGTERM unless the main process itself sent it, so that a signal sent to the whole process
+    group (Ctrl-C in a terminal, SLURM's preemption, ``kill -- -PGID``) reaches the main process
+    alone, which checkpoints and shuts the workers down. Without it a worker dies of the signal
+    and the main process fails with "DataLoader worker is killed by signal" before it can save.
+    The main process's own SIGTERM (``Process.terminate()``: PyTorch's shutdown, Python's exit)
+    still ends the worker at once, and a worker whose main process dies exits (PyTorch's
+    watchdog). Where the sender of a signal cannot be known (no ``sigwaitinfo``: macOS, Windows),
+    SIGTERM keeps its default."""
+
+    def __init__(self) -> None:
+        self.main_pid = os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "sigwaitinfo"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+            threading.Thread(target=self._end_on_sigterm_from_main, daemon=True).start()
+
+    def _end_on_sigterm_from_main(self) -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == self.main_pid:
+                os._exit(0)
 
 
 def collate_views(samples: list) -> Batch:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
-from dinokit.data.datasets import ImageDataset, collate_views, leave_stop_signals_to_main
+from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain
 from dinokit.data.folders import DataError, ImageList
 from dinokit.data.transforms import eval_transform
 from dinokit.hub.load import LATEST, open_backbone, open_untrained
@@ -74,7 +74,7 @@ def extract_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor
     kwargs = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     dataset = ImageDataset(images, eval_transform(crop_size, **kwargs))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_views,
-                        pin_memory=device.type == "cuda", worker_init_fn=leave_stop_signals_to_main)
+                        pin_memory=device.type == "cuda", worker_init_fn=StopSignalsToMain())
     was_training = getattr(backbone, "training", False)
     if isinstance(backbone, nn.Module):
         backbone.eval()

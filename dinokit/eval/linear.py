@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
-from dinokit.data.datasets import ImageDataset, collate_views, leave_stop_signals_to_main
+from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain
 from dinokit.data.folders import ImageList
 from dinokit.data.transforms import BICUBIC
 from dinokit.eval.features import Features, cached_features, check_label_sets, relabel
@@ -185,7 +185,7 @@ def linear_probe(backbone: nn.Module, train_images: ImageList, test_images: Imag
             keys = [(epoch, i) for i in order.tolist()]
             loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers,
                                 collate_fn=collate_views, pin_memory=device.type == "cuda",
-                                worker_init_fn=leave_stop_signals_to_main)
+                                worker_init_fn=StopSignalsToMain())
             for batch in loader:
                 if len(batch):
                     with autocast:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dinokit.config import ConfigError, TrainConfig
-from dinokit.data.datasets import ImageDataset, collate_views, leave_stop_signals_to_main, sample_seed
+from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain, sample_seed
 from dinokit.data.folders import DataError, ImageList, scan_folder, split_train_val
 from dinokit.data.public import resolve_data
 from dinokit.data.sampler import TrainingSampler
@@ -335,7 +335,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     workers = _num_workers(cfg, device)
     loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
                         collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=False,
-                        worker_init_fn=leave_stop_signals_to_main,
+                        worker_init_fn=StopSignalsToMain(),
                         prefetch_factor=4 if workers else None)
     student: nn.Module = state.student
     if env.distributed and not is_sharded(state.student):
