@@ -16,14 +16,23 @@ shapes, the same for every implementation: the step alone, without the data pipe
 batch, drop path 0.1 in the student, AdamW with two weight-decay groups, fp32, ``--threads``
 threads. ``--only dinokit,dinokit-bf16,official,lightly`` adds dinokit with its bf16 autocast
 (neither peer has a CPU mixed-precision path). Each implementation runs in its own process, so
-that its peak resident memory is its own. Prints images/s, process CPU time per step (the fair
-measure when other programs share the cores), peak RSS and dinokit's ratio to each peer;
-appends the results to ``bench/results/<machine>-<date>.json``.
+that its peak memory is its own. Prints images/s, process CPU time per step (the fair measure
+when other programs share the cores), peak memory and dinokit's ratio to each peer; appends the
+results to ``bench/results/<machine>-<date>.json``.
+
+``--device cuda`` runs the step on the GPU, each implementation with its own mixed precision:
+dinokit its default bf16 autocast, the official code its default fp16 autocast with a gradient
+scaler (``--use_fp16 true``), lightly bf16 autocast. Steps are timed between device
+synchronisations, peak memory is ``torch.cuda.max_memory_allocated``. The paper's GPU workload:
+
+    python bench/peers.py --device cuda --official-dino PATH --only dinokit,official \
+        --arch vit_small --patch-size 16 --global-size 224 --local-size 96 --local-crops 10 --batch-size 128
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,21 +56,37 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(step, steps: int, warmup: int) -> dict:
+def peak_memory_mib(device: torch.device) -> float:
+    """The process's peak RSS on the CPU, the allocator's peak on CUDA."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> dict:
     """Run ``step()`` ``warmup`` times, then time ``steps`` runs: wall and process CPU seconds per step."""
     for _ in range(warmup):
         step()
+    synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
+    synchronize(device)
     return {"step_s": (time.perf_counter() - start) / steps, "cpu_s": (time.process_time() - cpu_start) / steps}
 
 
 def views_for(w: dict) -> list[torch.Tensor]:
-    """The random views of the workload (the same tensors for every implementation)."""
+    """The random views of the workload (the same tensors for every implementation), on its device."""
     g = torch.Generator().manual_seed(0)
     shapes = [w["global_size"]] * 2 + [w["local_size"]] * w["local_crops"]
-    return [torch.randn(w["batch_size"], 3, s, s, generator=g) for s in shapes]
+    return [torch.randn(w["batch_size"], 3, s, s, generator=g).to(w["device"]) for s in shapes]
+
+
+def on_cuda(w: dict) -> bool:
+    return torch.device(w["device"]).type == "cuda"
 
 
 HYPER = {"lr": 1.25e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp": 0.07, "clip": 3.0}  # mid-run values
@@ -69,7 +94,7 @@ HYPER = {"lr": 1.25e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp":
 
 # --- the three implementations ---------------------------------------------------------------
 
-def build_dinokit(w: dict, precision: str = "fp32"):
+def build_dinokit(w: dict, precision: str):
     """dinokit's own training step (``dinokit.train.loop.train_step``) on the workload."""
     from dinokit.config import TrainConfig
     from dinokit.train.bench import _step_hyperparameters
@@ -78,13 +103,14 @@ def build_dinokit(w: dict, precision: str = "fp32"):
     cfg = TrainConfig.build({
         "arch": w["arch"], "patch_size": w["patch_size"], "global_crops_size": w["global_size"],
         "local_crops_size": w["local_size"], "local_crops_number": w["local_crops"], "out_dim": w["out_dim"],
-        "head_hidden_dim": 2048, "head_bottleneck_dim": 256, "batch_size": w["batch_size"], "device": "cpu",
+        "head_hidden_dim": 2048, "head_bottleneck_dim": 256, "batch_size": w["batch_size"], "device": w["device"],
         "precision": precision, "drop_path_rate": 0.1, "lr": HYPER["lr"] * 256 / w["batch_size"],
         "weight_decay": HYPER["weight_decay"], "momentum_teacher": HYPER["momentum"],
         "teacher_temp": HYPER["teacher_temp"], "clip_grad": HYPER["clip"],
     })
-    state = build_state(cfg, torch.device("cpu"))
-    autocast, hp, views = _autocast(cfg, torch.device("cpu")), _step_hyperparameters(cfg), views_for(w)
+    device = torch.device(w["device"])
+    state = build_state(cfg, device)
+    autocast, hp, views = _autocast(cfg, device), _step_hyperparameters(cfg), views_for(w)
 
     def step() -> None:
         if not train_step(state, views, hp, cfg, state.student, autocast)["finite"]:
@@ -103,7 +129,7 @@ def build_official(w: dict, clone: Path):
 
     # main_dino's DINOLoss all-reduces the centre: a process group of one.
     store = tempfile.NamedTemporaryFile(prefix="dino-peers-", delete=False)
-    dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    dist.init_process_group("nccl" if on_cuda(w) else "gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
     torch.manual_seed(0)
     arch = getattr(vits, w["arch"])
     student_backbone = arch(patch_size=w["patch_size"], img_size=[w["global_size"]], drop_path_rate=0.1)
@@ -115,27 +141,38 @@ def build_official(w: dict, clone: Path):
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
+    student, teacher = student.to(w["device"]), teacher.to(w["device"])
     ncrops = 2 + w["local_crops"]
-    dino_loss = main_dino.DINOLoss(w["out_dim"], ncrops, 0.04, HYPER["teacher_temp"], 0, 100)
+    dino_loss = main_dino.DINOLoss(w["out_dim"], ncrops, 0.04, HYPER["teacher_temp"], 0, 100).to(w["device"])
     optimizer = torch.optim.AdamW(utils.get_params_groups(student))
+    scaler = torch.amp.GradScaler("cuda") if on_cuda(w) else None  # main_dino's default --use_fp16 true
     images = views_for(w)
     epoch = 1  # past the first epoch: the last layer is trained
 
-    def step() -> None:  # main_dino.train_one_epoch without DDP, fp16 scaler and logging (one process)
+    def step() -> None:  # main_dino.train_one_epoch without DDP and logging (one process)
         for i, group in enumerate(optimizer.param_groups):
             group["lr"] = HYPER["lr"]
             if i == 0:
                 group["weight_decay"] = HYPER["weight_decay"]
-        teacher_output = teacher(images[:2])
-        student_output = student(images)
-        loss = dino_loss(student_output, teacher_output, epoch)
+        with torch.autocast("cuda", dtype=torch.float16) if scaler else contextlib.nullcontext():
+            teacher_output = teacher(images[:2])
+            student_output = student(images)
+            loss = dino_loss(student_output, teacher_output, epoch)
         if not math.isfinite(loss.item()):
             raise RuntimeError("official: non-finite loss")
         optimizer.zero_grad()
-        loss.backward()
-        utils.clip_gradients(student, HYPER["clip"])
-        utils.cancel_gradients_last_layer(epoch, student, 1)
-        optimizer.step()
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            utils.clip_gradients(student, HYPER["clip"])
+            utils.cancel_gradients_last_layer(epoch, student, 1)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            utils.clip_gradients(student, HYPER["clip"])
+            utils.cancel_gradients_last_layer(epoch, student, 1)
+            optimizer.step()
         with torch.no_grad():
             m = HYPER["momentum"]
             for param_q, param_k in zip(student.parameters(), teacher.parameters()):
@@ -171,7 +208,9 @@ def build_lightly(w: dict):
     teacher_head.load_state_dict(student_head.state_dict())
     for p in [*teacher_backbone.parameters(), *teacher_head.parameters()]:
         p.requires_grad = False
-    criterion = DINOLoss(w["out_dim"])
+    for module in (student_backbone, student_head, teacher_backbone, teacher_head):
+        module.to(w["device"])
+    criterion = DINOLoss(w["out_dim"]).to(w["device"])
     params, params_no_wd = get_weight_decay_parameters([student_backbone, student_head])
     optimizer = torch.optim.AdamW([{"params": params, "weight_decay": HYPER["weight_decay"]},
                                    {"params": params_no_wd, "weight_decay": 0.0}], lr=HYPER["lr"])
@@ -185,11 +224,12 @@ def build_lightly(w: dict):
         update_momentum(student_backbone, teacher_backbone, m=HYPER["momentum"])
         update_momentum(student_head, teacher_head, m=HYPER["momentum"])
         global_views, local_views = torch.cat(views[:2]), torch.cat(views[2:])
-        with torch.no_grad():
-            teacher_projections = teacher_head(teacher_backbone(global_views).flatten(start_dim=1))
-        student_projections = torch.cat([student(global_views), student(local_views)])
-        loss = criterion(teacher_out=teacher_projections.chunk(2), student_out=student_projections.chunk(n_views),
-                         teacher_temp=HYPER["teacher_temp"])
+        with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda(w) else contextlib.nullcontext():
+            with torch.no_grad():
+                teacher_projections = teacher_head(teacher_backbone(global_views).flatten(start_dim=1))
+            student_projections = torch.cat([student(global_views), student(local_views)])
+            loss = criterion(teacher_out=teacher_projections.chunk(2), student_out=student_projections.chunk(n_views),
+                             teacher_temp=HYPER["teacher_temp"])
         optimizer.zero_grad()
         loss.backward()
         student_head.cancel_last_layer_gradients(current_epoch=1)
@@ -200,15 +240,16 @@ def build_lightly(w: dict):
 
 def worker(name: str, w: dict, steps: int, warmup: int, clone: Path | None) -> dict:
     torch.set_num_threads(w["threads"])
+    device = torch.device(w["device"])
     start_rss, start_load = peak_rss_mib(), os.getloadavg()[0]
     if name.startswith("dinokit"):
-        step = build_dinokit(w, "bf16" if name == "dinokit-bf16" else "fp32")
+        step = build_dinokit(w, "bf16" if name == "dinokit-bf16" else "auto")  # auto: fp32 on a CPU, bf16 on CUDA
     elif name == "official":
         step = build_official(w, clone)
     else:
         step = build_lightly(w)
-    out = time_steps(step, steps, warmup)
-    return {**out, "images_per_s": w["batch_size"] / out["step_s"], "peak_rss_mib": peak_rss_mib(),
+    out = time_steps(step, steps, warmup, device)
+    return {**out, "images_per_s": w["batch_size"] / out["step_s"], "peak_memory_mib": peak_memory_mib(device),
             "rss_after_imports_mib": start_rss, "load_average": (start_load, os.getloadavg()[0])}
 
 
@@ -218,7 +259,7 @@ def summarise(runs: list[dict], batch_size: int) -> dict:
     """The median step time (wall and CPU) over rounds, the largest peak memory."""
     step_s = statistics.median(r["step_s"] for r in runs)
     return {"step_s": step_s, "cpu_s": statistics.median(r["cpu_s"] for r in runs),
-            "images_per_s": batch_size / step_s, "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+            "images_per_s": batch_size / step_s, "peak_memory_mib": max(r["peak_memory_mib"] for r in runs)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -239,17 +280,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the implementations this many times, in alternating order, and take the median: "
                         "fairer where other programs share the cores")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N [default: cpu]")
     p.add_argument("--results", default="bench/results", help="folder of the results files")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
+PRECISION = {"cpu": "fp32 (dinokit-bf16: bf16 autocast)",
+             "cuda": "each its own: dinokit bf16 autocast, official fp16 autocast + GradScaler, lightly bf16 autocast"}
+MEMORY = {"cpu": "peak RSS", "cuda": "torch.cuda.max_memory_allocated"}
+
+
 def workload(args: argparse.Namespace) -> dict:
+    kind = torch.device(args.device).type
     return {"arch": args.arch, "patch_size": args.patch_size, "global_size": args.global_size,
             "local_size": args.local_size, "local_crops": args.local_crops, "batch_size": args.batch_size,
-            "out_dim": args.out_dim, "threads": args.threads, "precision": "fp32 (dinokit-bf16: bf16 autocast)",
-            "data": "synthetic"}
+            "out_dim": args.out_dim, "threads": args.threads, "device": args.device, "precision": PRECISION[kind],
+            "memory": MEMORY[kind], "data": "synthetic"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(IMPLEMENTATIONS)
     if unknown:
         sys.exit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(IMPLEMENTATIONS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: this machine has no CUDA GPU")
+    if device.type not in PRECISION:
+        sys.exit(f"--device {args.device}: choose cpu or cuda")
     if "official" in names and not (args.official_dino and (args.official_dino / "main_dino.py").exists()):
         sys.exit("--official-dino must point at a checkout of github.com/facebookresearch/dino "
                  "(git clone https://github.com/facebookresearch/dino), or leave it out with --only dinokit,lightly")
@@ -269,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     from dinokit.train.bench import describe_machine, save_result
 
     print(f"workload: {args.arch}/{args.patch_size}, batch {args.batch_size}, views 2x{args.global_size}px + "
-          f"{args.local_crops}x{args.local_size}px, K={args.out_dim}, fp32 on the CPU, {args.threads} threads, "
+          f"{args.local_crops}x{args.local_size}px, K={args.out_dim}, {device.type}: {w['precision']}, {args.threads} threads, "
           f"{args.steps} timed steps after {args.warmup}", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_ in range(args.rounds):
@@ -282,22 +335,22 @@ def main(argv: list[str] | None = None) -> int:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[name].append(r)
             print(f"  {name:<12} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
-                  f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
+                  f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak memory {r['peak_memory_mib']:6.0f} MiB  "
                   f"load {r['load_average'][0]:.1f}->{r['load_average'][1]:.1f}", flush=True)
     results = {name: summarise(rs, args.batch_size) for name, rs in runs.items() if rs}
     if args.rounds > 1:
         print(f"median of {args.rounds} rounds:")
         for name, r in results.items():
             print(f"  {name:<12} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
-                  f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak RSS {r['peak_rss_mib']:6.0f} MiB")
+                  f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak memory {r['peak_memory_mib']:6.0f} MiB")
     for ours in (n for n in results if n.startswith("dinokit")):
         for peer in (n for n in results if n in PEERS):
             speed = results[ours]["images_per_s"] / results[peer]["images_per_s"]
-            memory = results[ours]["peak_rss_mib"] / results[peer]["peak_rss_mib"]
+            memory = results[ours]["peak_memory_mib"] / results[peer]["peak_memory_mib"]
             cpu = results[peer]["cpu_s"] / results[ours]["cpu_s"]
             print(f"  {ours} / {peer}: {speed:.2f}x images/s ({cpu:.2f}x by CPU time), {memory:.2f}x peak memory")
     if results and not args.no_save:
-        record = {"kind": "peers", "machine": describe_machine(torch.device("cpu")), "workload": w,
+        record = {"kind": "peers", "machine": describe_machine(device), "workload": w,
                   "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "results": results,
                   "all_runs": runs}
         print(f"saved to {save_result(record, args.results)}")

@@ -88,10 +88,31 @@ def test_peers_needs_the_official_clone(tmp_path):
     assert proc.returncode != 0 and "facebookresearch/dino" in proc.stderr
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
 @pytest.mark.skipif(not os.environ.get("DINOKIT_OFFICIAL_DINO"),
                     reason="set DINOKIT_OFFICIAL_DINO to a checkout of github.com/facebookresearch/dino")
-def test_peers_runs_the_official_code(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_peers_runs_the_official_code(tmp_path, device):
     proc = _peers("--only", "dinokit,official", "--official-dino", os.environ["DINOKIT_OFFICIAL_DINO"],
-                  tmp_path=tmp_path)
+                  "--device", device, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "dinokit / official" in proc.stdout
+    run = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]
+    assert run["workload"]["device"] == device and run["machine"]["device"] == device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_peers_on_cuda_report_the_allocator_peak(tmp_path):
+    proc = _peers("--only", "dinokit", "--device", "cuda", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]
+    assert run["workload"]["memory"] == "torch.cuda.max_memory_allocated"
+    assert 0 < run["results"]["dinokit"]["peak_memory_mib"] < 4096 and "gpu" in run["machine"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_peers_on_cuda_without_a_gpu_is_one_line(tmp_path):
+    proc = _peers("--only", "dinokit", "--device", "cuda", tmp_path=tmp_path)
+    assert proc.returncode != 0 and "no CUDA GPU" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

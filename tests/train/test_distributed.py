@@ -74,11 +74,11 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
 
 
-def _torchrun(setup: dict, out: Path, *args: str, mode: str | None = None, strategy: str = "ddp"
-              ) -> subprocess.CompletedProcess:
+def _torchrun(setup: dict, out: Path, *args: str, mode: str | None = None, strategy: str = "ddp",
+              processes: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2 -m dinokit train`` (or the misbehaving harness for ``mode``)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-              "--rdzv-endpoint", "localhost:0"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--rdzv-backend",
+              "c10d", "--rdzv-endpoint", "localhost:0"]
     if mode:
         harness = setup["root"] / "harness.py"
         harness.write_text(HARNESS)
@@ -105,16 +105,19 @@ def _losses(out: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-def _assert_same_run(ours: Path, reference: Path, steps=range(STEPS)) -> None:
-    """Same loss at every step, same centre and teacher at the end, same k-NN scores."""
+def _assert_same_run(ours: Path, reference: Path, steps=range(STEPS), rtol: float = 1e-5) -> None:
+    """Same loss at every step, same centre and teacher at the end, same k-NN scores.
+
+    ``rtol``: relative tolerance of the losses and the teacher (absolute: a tenth of it).
+    """
     ours_losses, reference_losses = _losses(ours), _losses(reference)
-    assert [ours_losses[s] for s in steps] == pytest.approx([reference_losses[s] for s in steps], rel=1e-5)
-    a, b = (torch.load(run / "checkpoint.pth", weights_only=True) for run in (ours, reference))
+    assert [ours_losses[s] for s in steps] == pytest.approx([reference_losses[s] for s in steps], rel=rtol)
+    a, b = (torch.load(run / "checkpoint.pth", weights_only=True, map_location="cpu") for run in (ours, reference))
     assert a["step"] == b["step"] == STEPS
-    torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=0, atol=rtol / 10)
     assert a["teacher"].keys() == b["teacher"].keys()
     for key in a["teacher"]:
-        torch.testing.assert_close(a["teacher"][key], b["teacher"][key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(a["teacher"][key], b["teacher"][key], rtol=rtol, atol=rtol / 10, msg=key)
     assert json.loads((ours / "knn.json").read_text()) == json.loads((reference / "knn.json").read_text())
 
 
@@ -207,6 +210,21 @@ def test_ddp_two_processes_equal_one_process(setup, reference):
     _assert_ok(result)
     assert result.stdout.count("dinokit: done") == 1  # only the main process reports
     _assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_torchrun_with_one_process_equals_no_launcher(setup, reference, device):
+    """One GPU (or CPU) under torchrun trains as without it; on CUDA to the rounding of the
+    kernels that add with atomics (the position embeddings' bicubic backward)."""
+    out = setup["root"] / f"torchrun-one-{device}"
+    _assert_ok(_torchrun(setup, out, f"device={device}", processes=1))
+    if device == "cpu":
+        _assert_same_run(out, reference)
+    else:
+        no_launcher = setup["root"] / "one-cuda"
+        _one_process(setup, no_launcher, device="cuda")
+        _assert_same_run(out, no_launcher, rtol=1e-4)
 
 
 def test_ddp_run_stopped_on_one_process_resumes_where_it_left_off(setup, reference):
