@@ -12,7 +12,7 @@
 #             (fp16 + GradScaler, its default) beside dinokit's, from one run
 #   pipeline  `dinokit bench` fed by the data pipeline from JPEGs of ImageNet's typical size,
 #             views made by the loader workers, then on the GPU (views_on=device)
-#   compile   `dinokit bench --synthetic --compile`
+#   compile   `dinokit bench --synthetic compile=loss`, then `--compile` (backbones, heads and loss)
 #
 # Logs and results go to $OUT (the device tool's output folder) or bench/results/gpu-check;
 # a summary of every part is printed last.
@@ -146,7 +146,9 @@ EOF
 }
 
 part_compile() {
-    run compile 200 "$PY" -m dinokit bench --synthetic --compile "${WORKLOAD[@]}" "${STEPS[@]}" \
+    run compile_loss 100 "$PY" -m dinokit bench --synthetic "${WORKLOAD[@]}" "${STEPS[@]}" \
+        --results "$OUT_DIR/results" compile=loss
+    run compile_all 200 "$PY" -m dinokit bench --synthetic --compile "${WORKLOAD[@]}" "${STEPS[@]}" \
         --results "$OUT_DIR/results"
 }
 

@@ -15,7 +15,9 @@ bottleneck 256, K prototypes, fixed weight-norm gain), views (random tensors of 
 shapes, the same for every implementation: the step alone, without the data pipeline),
 batch, drop path 0.1 in the student, AdamW with two weight-decay groups, fp32, ``--threads``
 threads. ``--only dinokit,dinokit-bf16,official,lightly`` adds dinokit with its bf16 autocast
-(neither peer has a CPU mixed-precision path). Each implementation runs in its own process, so
+(neither peer has a CPU mixed-precision path); ``dinokit+compiled-loss`` and
+``dinokit-bf16+compiled-loss`` run dinokit with ``compile=loss`` (its loss through
+``torch.compile``, compiled in the warm-up steps). Each implementation runs in its own process, so
 that its peak memory is its own. Prints images/s, process CPU time per step (the fair measure
 when other programs share the cores), peak memory and dinokit's ratio to each peer; appends the
 results to ``bench/results/<machine>-<date>.json``.
@@ -46,7 +48,8 @@ from pathlib import Path
 
 import torch
 
-IMPLEMENTATIONS = ("dinokit", "dinokit-bf16", "official", "lightly")  # dinokit-bf16: its CPU bf16 autocast
+IMPLEMENTATIONS = ("dinokit", "dinokit-bf16", "dinokit+compiled-loss", "dinokit-bf16+compiled-loss", "official",
+                   "lightly")  # -bf16: its CPU bf16 autocast; +compiled-loss: compile=loss
 PEERS = ("official", "lightly")
 
 
@@ -94,7 +97,7 @@ HYPER = {"lr": 1.25e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp":
 
 # --- the three implementations ---------------------------------------------------------------
 
-def build_dinokit(w: dict, precision: str):
+def build_dinokit(w: dict, precision: str, compile_: str):
     """dinokit's own training step (``dinokit.train.loop.train_step``) on the workload."""
     from dinokit.config import TrainConfig
     from dinokit.train.bench import _step_hyperparameters
@@ -106,10 +109,11 @@ def build_dinokit(w: dict, precision: str):
         "head_hidden_dim": 2048, "head_bottleneck_dim": 256, "batch_size": w["batch_size"], "device": w["device"],
         "precision": precision, "drop_path_rate": 0.1, "lr": HYPER["lr"] * 256 / w["batch_size"],
         "weight_decay": HYPER["weight_decay"], "momentum_teacher": HYPER["momentum"],
-        "teacher_temp": HYPER["teacher_temp"], "clip_grad": HYPER["clip"],
+        "teacher_temp": HYPER["teacher_temp"], "clip_grad": HYPER["clip"], "compile": compile_,
     })
     device = torch.device(w["device"])
     state = build_state(cfg, device)
+    state.compile(cfg.compile)
     autocast, hp, views = _autocast(cfg, device), _step_hyperparameters(cfg), views_for(w)
 
     def step() -> None:
@@ -243,7 +247,8 @@ def worker(name: str, w: dict, steps: int, warmup: int, clone: Path | None) -> d
     device = torch.device(w["device"])
     start_rss, start_load = peak_rss_mib(), os.getloadavg()[0]
     if name.startswith("dinokit"):
-        step = build_dinokit(w, "bf16" if name == "dinokit-bf16" else "auto")  # auto: fp32 on a CPU, bf16 on CUDA
+        step = build_dinokit(w, "bf16" if "-bf16" in name else "auto",  # auto: fp32 on a CPU, bf16 on CUDA
+                             "loss" if name.endswith("+compiled-loss") else "off")
     elif name == "official":
         step = build_official(w, clone)
     else:
@@ -262,8 +267,9 @@ def summarise(runs: list[dict], batch_size: int) -> dict:
             "images_per_s": batch_size / step_s, "peak_memory_mib": max(r["peak_memory_mib"] for r in runs)}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
+    """The workload's options (``bench/compile_ab.py`` shares them)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--official-dino", type=Path, help="checkout of github.com/facebookresearch/dino")
     p.add_argument("--only", default="dinokit,official,lightly",
                    help="comma-separated, from " + ", ".join(IMPLEMENTATIONS) + " [default: dinokit,official,lightly]")
@@ -284,7 +290,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default="bench/results", help="folder of the results files")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 PRECISION = {"cpu": "fp32 (dinokit-bf16: bf16 autocast)",
@@ -325,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.local_crops}x{args.local_size}px, K={args.out_dim}, {device.type}: {w['precision']}, {args.threads} threads, "
           f"{args.steps} timed steps after {args.warmup}", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in names}
+    width = max(12, *map(len, names))
     for round_ in range(args.rounds):
         for name in (names if round_ % 2 == 0 else names[::-1]):
             cmd = [sys.executable, __file__, "--worker", name, *(argv if argv is not None else sys.argv[1:])]
@@ -334,14 +345,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[name].append(r)
-            print(f"  {name:<12} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
+            print(f"  {name:<{width}} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
                   f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak memory {r['peak_memory_mib']:6.0f} MiB  "
                   f"load {r['load_average'][0]:.1f}->{r['load_average'][1]:.1f}", flush=True)
     results = {name: summarise(rs, args.batch_size) for name, rs in runs.items() if rs}
     if args.rounds > 1:
         print(f"median of {args.rounds} rounds:")
         for name, r in results.items():
-            print(f"  {name:<12} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
+            print(f"  {name:<{width}} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
                   f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak memory {r['peak_memory_mib']:6.0f} MiB")
     for ours in (n for n in results if n.startswith("dinokit")):
         for peer in (n for n in results if n in PEERS):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).parent / "configs"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,7 +41,9 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
     num_workers: int | None = Field(None, ge=0, description="data loader processes; None: one per core, at most 8")
-    compile: bool = Field(False, description="torch.compile the backbone")
+    compile: Literal["off", "loss", "all"] = Field(
+        "off", description="torch.compile: loss (seconds to compile), all: backbones, heads and loss (minutes on a CPU); "
+                           "true means all")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="how several processes share the work (torchrun)")
 
     # --- model -----------------------------------------------------------------------------
@@ -112,6 +114,12 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(1, ge=0, description="epoch checkpoints kept besides the latest")
     max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
     report: bool = Field(True, description="write views.png at the start and report.html at the end of the run")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_from_bool(cls, value: Any) -> Any:
+        """``compile: true`` / ``false`` (configs written before the choice existed): all / off."""
+        return {True: "all", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":

@@ -33,8 +33,14 @@ def test_yaml_file_then_overrides(tmp_path):
     assert TrainConfig.build(tmp_path / "saved.yaml") == cfg
 
 
+@pytest.mark.parametrize("given, parts", [("true", "all"), ("false", "off"), ("loss", "loss"), ("all", "all")])
+def test_compile_takes_the_parts_or_a_bool(given, parts):
+    assert TrainConfig.build(None, parse_overrides([f"compile={given}"])).compile == parts
+
+
 @pytest.mark.parametrize("changes, key", [
-    ({"epoch": 3}, "epoch"),                              # unknown key, with a suggestion
+    ({"epoch": 3}, "epoch"),
+    ({"compile": "backbone"}, "compile"),                              # unknown key, with a suggestion
     ({"epochs": "many"}, "epochs"),                       # wrong type
     ({"momentum_teacher": 1.5}, "momentum_teacher"),      # outside [0, 1]
     ({"local_crops_size": 256}, "local_crops_size"),      # local larger than global

@@ -31,7 +31,8 @@ _WORKLOAD_OPTIONS = {
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
               help="auto: bf16 autocast on CUDA, fp32 elsewhere")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbones (first step compiles)")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the backbones, heads and loss (first steps compile; compile=loss: the loss only)")
 @click.option("--data", default=None, help="image folder for the data pipeline [default: the built-in textures]")
 @click.option("--synthetic", is_flag=True, help="random views instead of the data pipeline: the step alone")
 @click.option("--workers", type=int, default=None, help="DataLoader processes [default: as dinokit train]")
@@ -61,7 +62,7 @@ def bench(config: str | None, compile_: bool, synthetic: bool, steps: int, warmu
     values = {_WORKLOAD_OPTIONS[k]: v for k, v in options.items() if v is not None}
     values.update(parse_overrides(list(overrides)))
     if compile_:
-        values["compile"] = True
+        values["compile"] = "all"
     try:
         device = resolve_device(values.get("device", "auto"))
     except ValueError as err:

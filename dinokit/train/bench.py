@@ -343,9 +343,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
     flops = None
     if count_flops:  # one eager step (before any compilation), counted as a warm-up step
         flops = count_step_flops(state, finish_views([v.to(device) for v in next(batches)]), cfg, autocast)
-    if cfg.compile:
-        state.student.backbone.compile()
-        state.teacher.backbone.compile()
+    state.compile(cfg.compile)
 
     timer = PhaseTimer(device)
     finite: list[torch.Tensor] = []  # per timed step, on the device: read once at the end
@@ -429,9 +427,10 @@ def format_result(result: BenchResult) -> str:
     """The human-readable report that ``dinokit bench`` prints."""
     w, m = result.workload, result.machine
     device = m.get("gpu", f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads)")
+    compiled = "" if w["compile"] == "off" else f", compiled ({w['compile']})"
     lines = [
         f"dinokit bench: {w['arch']}/{w['patch_size']}, batch {w['batch_size']}, views {w['views']}, "
-        f"K={w['out_dim']}, {w['precision']}{', compiled' if w['compile'] else ''}, data: {w['data']} "
+        f"K={w['out_dim']}, {w['precision']}{compiled}, data: {w['data']} "
         f"({w['workers']} workers)",
         f"device: {device}; torch {m['torch']}",
         f"  images/s           {result.images_per_s:10.1f}   (source images, each with all its views)",

@@ -83,6 +83,19 @@ class DINOState:
             "fp16_scaler": None,
         }
 
+    def compile(self, parts: str = "all") -> None:
+        """``torch.compile`` in place, for the steps that follow (``cfg.compile``). ``parts``:
+        ``off`` (nothing), ``loss`` (its K-wide softmax, cross-entropy and their backward fused
+        into a few passes over the logits; seconds to compile), ``all``: also the backbones (one
+        graph per view resolution) and the heads."""
+        if parts == "off":
+            return
+        if parts == "all":
+            for model in (self.student, self.teacher):
+                model.backbone.compile()
+                model.head.compile()
+        self.loss.compile()
+
     def load_state_dict(self, ckpt: dict) -> None:
         self.student.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["student"].items()})
         self.teacher.load_state_dict(ckpt["teacher"])
@@ -340,9 +353,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     student: nn.Module = state.student
     if env.distributed and not is_sharded(state.student):
         student = nn.parallel.DistributedDataParallel(state.student, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        state.student.backbone.compile()
-        state.teacher.backbone.compile()
+    state.compile(cfg.compile)
     autocast = _autocast(cfg, device)
 
     monitor = Monitor(out, schedules.total_steps, state.step, cfg.batch_size, enabled=env.is_main)

@@ -63,11 +63,11 @@ def test_missing_cuda_is_one_line():
     assert result.exit_code == 2 and "CUDA" in result.output
 
 
-def _peers(*args, tmp_path):
+def _peers(*args, tmp_path, script: Path = PEERS):
     tiny = ["--patch-size", "8", "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--batch-size", "2",
             "--out-dim", "64", "--steps", "1", "--warmup", "1", "--threads", "1", "--results", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(PEERS.parents[1])}
-    return subprocess.run([sys.executable, str(PEERS), *tiny, *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, str(script), *tiny, *args], capture_output=True, text=True, env=env,
                           timeout=600)
 
 
@@ -81,6 +81,15 @@ def test_peers_runs_dinokit_and_lightly_side_by_side(tmp_path):
     run = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]
     assert run["kind"] == "peers" and run["results"]["dinokit"]["images_per_s"] > 0
     assert ("lightly" in run["results"]) == with_lightly
+
+
+def test_compile_ab_alternates_the_eager_and_the_compiled_step(tmp_path):
+    proc = _peers("--steps", "2", tmp_path=tmp_path, script=PEERS.parent / "compile_ab.py")
+    assert proc.returncode == 0, proc.stderr
+    assert "compiled / eager" in proc.stdout
+    run = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]
+    assert run["kind"] == "compile_ab" and run["compile"] == "loss"
+    assert [len(ts) for ts in run["step_s"].values()] == [2, 2] and set(run["step_s"]) == {"eager", "compile=loss"}
 
 
 def test_peers_needs_the_official_clone(tmp_path):

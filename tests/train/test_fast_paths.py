@@ -1,4 +1,4 @@
-"""The fast paths compute what the plain paths compute: bf16 autocast, torch.compile, multi-tensor
+"""The fast paths compute what the plain paths compute: bf16 autocast, torch.compile (backbone and loss), multi-tensor
 (and, on CUDA, fused) AdamW, CUDA-event phase timing, pinned batches. GPU-only checks skip
 without CUDA. (The multi-tensor EMA is checked in tests/method/test_teacher.py.)"""
 
@@ -121,6 +121,33 @@ def test_compiled_backbone_gives_the_eager_outputs_and_gradients():
     assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-5)
     for a, b in zip(outputs[0][1], outputs[1][1]):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_compiled_loss_gives_the_eager_loss_and_gradient_without_recompiling(device):
+    """As dinokit train --compile compiles it: the teacher temperature changes every step of its
+    warm-up, which must not make a graph per step."""
+    from torch._dynamo.utils import counters
+
+    from dinokit.method.loss import DINOLoss
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = DINOLoss(256).to(device), DINOLoss(256).to(device)
+    compiled.compile()
+    g = torch.Generator().manual_seed(0)
+    for temperature in (0.04, 0.045, 0.05, 0.06, 0.07):
+        student = torch.randn(8 * 4, 256, generator=g).to(device)
+        teacher = torch.randn(2 * 4, 256, generator=g).to(device)
+        results = []
+        for loss_fn in (eager, compiled):
+            logits = student.clone().requires_grad_()
+            loss, stats = loss_fn(logits, teacher, temperature)
+            loss.backward()
+            results.append((loss.detach(), stats["teacher_entropy"], logits.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert counters["stats"]["unique_graphs"] <= 2  # the first temperature, then one graph for any
 
 
 @cuda
