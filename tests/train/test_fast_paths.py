@@ -104,14 +104,15 @@ def test_fused_adamw_on_cuda_equals_the_per_parameter_loop():
 
 
 @pytest.mark.slow  # torch.compile of a forward and a backward takes a minute or more on 2 cores
-def test_compiled_backbone_gives_the_eager_outputs_and_gradients():
+def test_compiled_backbone_and_head_give_the_eager_outputs_and_gradients():
     torch.manual_seed(0)
     backbone = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     eager = MultiCropModel(backbone, DINOHead(32, 64, 32, 16))
     compiled = MultiCropModel(VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2),
                               DINOHead(32, 64, 32, 16))
     compiled.load_state_dict(eager.state_dict())
-    compiled.backbone.compile()  # as dinokit train --compile: one graph per resolution
+    compiled.backbone.compile()  # as DINOState.compile("all"): one graph per resolution
+    compiled.head.compile()
     views = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
     outputs = []
     for model in (eager, compiled):
