@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402  (bench/peers.py: the workload and dinokit's step on it)
 
+from dinokit.train.bench import describe_machine, save_result, synchronize  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = peers.build_parser(__doc__.split("\n\n")[0])
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: fp32 on a CPU, bf16 on CUDA [default: auto]")
     args = parser.parse_args(argv)
-    compile_parts, precision = args.parts, args.precision
+    compile_parts, precision = args.parts, args.precision  # what the record and the printout name
     w = peers.workload(args)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -43,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     order = list(steps)
     for i in range(args.steps):
         for name in (order if i % 2 == 0 else order[::-1]):
-            peers.synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             steps[name]()
-            peers.synchronize(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"{w['arch']}/{w['patch_size']}, batch {w['batch_size']}, views 2x{w['global_size']}px + "
@@ -57,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     eager, compiled = medians.values()
     print(f"  compiled / eager: {eager / compiled:.2f}x steps/s")
     if not args.no_save:
-        from dinokit.train.bench import describe_machine, save_result
-
         record = {"kind": "compile_ab", "machine": describe_machine(device), "workload": w, "precision": precision,
                   "compile": compile_parts, "steps": args.steps, "warmup": args.warmup,
                   "step_s": times, "median_step_s": medians}

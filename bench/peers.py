@@ -34,7 +34,6 @@ synchronisations, peak memory is ``torch.cuda.max_memory_allocated``. The paper'
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -48,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from dinokit.train.bench import _step_hyperparameters, describe_machine, peak_memory, save_result, synchronize
+
 IMPLEMENTATIONS = ("dinokit", "dinokit-bf16", "dinokit+compiled-loss", "dinokit-bf16+compiled-loss", "official",
                    "lightly")  # -bf16: its CPU bf16 autocast; +compiled-loss: compile=loss
 PEERS = ("official", "lightly")
@@ -57,16 +58,6 @@ PEERS = ("official", "lightly")
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """The process's peak RSS on the CPU, the allocator's peak on CUDA."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(step, steps: int, warmup: int, device: torch.device) -> dict:
@@ -100,7 +91,6 @@ HYPER = {"lr": 1.25e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp":
 def build_dinokit(w: dict, precision: str, compile_: str):
     """dinokit's own training step (``dinokit.train.loop.train_step``) on the workload."""
     from dinokit.config import TrainConfig
-    from dinokit.train.bench import _step_hyperparameters
     from dinokit.train.loop import _autocast, build_state, train_step
 
     cfg = TrainConfig.build({
@@ -149,7 +139,8 @@ def build_official(w: dict, clone: Path):
     ncrops = 2 + w["local_crops"]
     dino_loss = main_dino.DINOLoss(w["out_dim"], ncrops, 0.04, HYPER["teacher_temp"], 0, 100).to(w["device"])
     optimizer = torch.optim.AdamW(utils.get_params_groups(student))
-    scaler = torch.amp.GradScaler("cuda") if on_cuda(w) else None  # main_dino's default --use_fp16 true
+    fp16 = on_cuda(w)  # main_dino's default --use_fp16 true (it needs CUDA)
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     images = views_for(w)
     epoch = 1  # past the first epoch: the last layer is trained
 
@@ -158,25 +149,19 @@ def build_official(w: dict, clone: Path):
             group["lr"] = HYPER["lr"]
             if i == 0:
                 group["weight_decay"] = HYPER["weight_decay"]
-        with torch.autocast("cuda", dtype=torch.float16) if scaler else contextlib.nullcontext():
+        with torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
             teacher_output = teacher(images[:2])
             student_output = student(images)
             loss = dino_loss(student_output, teacher_output, epoch)
         if not math.isfinite(loss.item()):
             raise RuntimeError("official: non-finite loss")
         optimizer.zero_grad()
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            utils.clip_gradients(student, HYPER["clip"])
-            utils.cancel_gradients_last_layer(epoch, student, 1)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            utils.clip_gradients(student, HYPER["clip"])
-            utils.cancel_gradients_last_layer(epoch, student, 1)
-            optimizer.step()
+        scaler.scale(loss).backward()  # without fp16 the scaler passes everything through
+        scaler.unscale_(optimizer)
+        utils.clip_gradients(student, HYPER["clip"])
+        utils.cancel_gradients_last_layer(epoch, student, 1)
+        scaler.step(optimizer)
+        scaler.update()
         with torch.no_grad():
             m = HYPER["momentum"]
             for param_q, param_k in zip(student.parameters(), teacher.parameters()):
@@ -228,7 +213,7 @@ def build_lightly(w: dict):
         update_momentum(student_backbone, teacher_backbone, m=HYPER["momentum"])
         update_momentum(student_head, teacher_head, m=HYPER["momentum"])
         global_views, local_views = torch.cat(views[:2]), torch.cat(views[2:])
-        with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda(w) else contextlib.nullcontext():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda(w)):
             with torch.no_grad():
                 teacher_projections = teacher_head(teacher_backbone(global_views).flatten(start_dim=1))
             student_projections = torch.cat([student(global_views), student(local_views)])
@@ -254,7 +239,7 @@ def worker(name: str, w: dict, steps: int, warmup: int, clone: Path | None) -> d
     else:
         step = build_lightly(w)
     out = time_steps(step, steps, warmup, device)
-    return {**out, "images_per_s": w["batch_size"] / out["step_s"], "peak_memory_mib": peak_memory_mib(device),
+    return {**out, "images_per_s": w["batch_size"] / out["step_s"], "peak_memory_mib": peak_memory(device)[0],
             "rss_after_imports_mib": start_rss, "load_average": (start_load, os.getloadavg()[0])}
 
 
@@ -299,7 +284,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 PRECISION = {"cpu": "fp32 (dinokit-bf16: bf16 autocast)",
              "cuda": "each its own: dinokit bf16 autocast, official fp16 autocast + GradScaler, lightly bf16 autocast"}
-MEMORY = {"cpu": "peak RSS", "cuda": "torch.cuda.max_memory_allocated"}
 
 
 def workload(args: argparse.Namespace) -> dict:
@@ -307,7 +291,7 @@ def workload(args: argparse.Namespace) -> dict:
     return {"arch": args.arch, "patch_size": args.patch_size, "global_size": args.global_size,
             "local_size": args.local_size, "local_crops": args.local_crops, "batch_size": args.batch_size,
             "out_dim": args.out_dim, "threads": args.threads, "device": args.device, "precision": PRECISION[kind],
-            "memory": MEMORY[kind], "data": "synthetic"}
+            "memory": "torch.cuda.max_memory_allocated" if kind == "cuda" else "peak RSS", "data": "synthetic"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,8 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     if "official" in names and not (args.official_dino and (args.official_dino / "main_dino.py").exists()):
         sys.exit("--official-dino must point at a checkout of github.com/facebookresearch/dino "
                  "(git clone https://github.com/facebookresearch/dino), or leave it out with --only dinokit,lightly")
-
-    from dinokit.train.bench import describe_machine, save_result
 
     print(f"workload: {args.arch}/{args.patch_size}, batch {args.batch_size}, views 2x{args.global_size}px + "
           f"{args.local_crops}x{args.local_size}px, K={args.out_dim}, {device.type}: {w['precision']}, {args.threads} threads, "

@@ -119,7 +119,9 @@ class TrainConfig(BaseModel):
     @classmethod
     def _compile_from_bool(cls, value: Any) -> Any:
         """``compile: true`` / ``false`` (configs written before the choice existed): all / off."""
-        return {True: "all", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        if isinstance(value, bool):
+            return "all" if value else "off"
+        return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":

@@ -39,8 +39,8 @@ def test_compile_takes_the_parts_or_a_bool(given, parts):
 
 
 @pytest.mark.parametrize("changes, key", [
-    ({"epoch": 3}, "epoch"),
-    ({"compile": "backbone"}, "compile"),                              # unknown key, with a suggestion
+    ({"epoch": 3}, "epoch"),                              # unknown key, with a suggestion
+    ({"compile": "backbone"}, "compile"),                 # not one of the choices
     ({"epochs": "many"}, "epochs"),                       # wrong type
     ({"momentum_teacher": 1.5}, "momentum_teacher"),      # outside [0, 1]
     ({"local_crops_size": 256}, "local_crops_size"),      # local larger than global

@@ -16,6 +16,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -83,7 +84,7 @@ class DINOState:
             "fp16_scaler": None,
         }
 
-    def compile(self, parts: str = "all") -> None:
+    def compile(self, parts: Literal["off", "loss", "all"]) -> None:
         """``torch.compile`` in place, for the steps that follow (``cfg.compile``). ``parts``:
         ``off`` (nothing), ``loss`` (its K-wide softmax, cross-entropy and their backward fused
         into a few passes over the logits; seconds to compile), ``all``: also the backbones (one
