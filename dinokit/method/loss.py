@@ -25,9 +25,13 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """``softmax((t - c) / teacher_temp)``, computed in float32."""
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+    @torch.no_grad()
+    def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``p = softmax((t - c) / teacher_temp)`` in float32 (``(G*B) x K``) and the entropy of
+        each row (nats, ``G*B``), from the log-probabilities (no ``log`` of a rounded ``p``)."""
+        logp = F.log_softmax((teacher_logits.float() - self.center).div_(teacher_temp), dim=-1)
+        p = logp.exp()
+        return p, -torch.einsum("nk,nk->n", p, logp)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, teacher_temp: float,
                 num_teacher_views: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -39,19 +43,11 @@ class DINOLoss(nn.Module):
         (the loop averages them). Uniform collapse: both entropies near ln K; collapse to one
         dimension: both near 0; a healthy run: the first low, the second high."""
         num_student_views = student_logits.shape[0] * num_teacher_views // teacher_logits.shape[0]
-        batch = teacher_logits.shape[0] // num_teacher_views
-        student_logp = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
-        teacher_p = self.teacher_probs(teacher_logits.detach(), teacher_temp)
-        # sum over all pairs (q, v) of <p_q, log p_v>, minus the pairs of a view with itself:
-        # two reductions over B x K instead of one per pair
-        all_pairs = (teacher_p.view(num_teacher_views, batch, -1).sum(0)
-                     * student_logp.view(num_student_views, batch, -1).sum(0)).sum()
-        same = min(num_teacher_views, num_student_views)
-        same_view = (teacher_p[:same * batch] * student_logp[:same * batch]).sum()
-        pairs = num_teacher_views * num_student_views - same
-        loss = -(all_pairs - same_view) / (batch * pairs)
+        teacher_p, teacher_entropy = self.teacher_probs(teacher_logits.detach(), teacher_temp)
+        loss = _PairedCrossEntropy.apply(student_logits, teacher_p, self.student_temp, num_teacher_views,
+                                         num_student_views)
         with torch.no_grad():
-            entropy = _entropy(teacher_p).mean()
+            entropy = teacher_entropy.mean()
             batch_entropy = _entropy(teacher_p.mean(0))
         stats = {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy, "kl": loss.detach() - entropy}
         return loss, stats
@@ -74,6 +70,56 @@ class DINOLoss(nn.Module):
         elif not apply:
             return
         self.center.copy_(updated)
+
+
+class _PairedCrossEntropy(torch.autograd.Function):
+    """The loss over all pairs (teacher view q, student view v != q), with a hand-written backward.
+
+    ``student_logits``: ``(S*B) x K``; ``teacher_p``: ``(G*B) x K`` teacher probabilities (rows
+    summing to 1), both grouped by view. Returns ``-sum_pairs <p_q, log_softmax(s_v / tau)> / (B *
+    pairs)``. Autograd through the same formula keeps about six ``(S*B) x K`` float32 tensors
+    alive or allocated per step (the scaled logits, the log-probabilities, the zero-filled
+    gradient of a slice, the expanded gradient of a sum, the two backward results); here there are
+    two, and the gradient is computed in place of the saved log-probabilities:
+
+        d loss / d s_v = (n_v * softmax(s_v / tau) - q_v) / (tau * B * pairs),
+
+    where ``q_v`` is the sum of the teacher distributions paired with view ``v`` and ``n_v`` the
+    sum of ``q_v`` (the number of those teacher views, up to rounding). Its backward can run once
+    (autograd raises on a second run: the saved tensor was modified).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, teacher_p: torch.Tensor, student_temp: float,
+                num_teacher_views: int, num_student_views: int) -> torch.Tensor:
+        batch = teacher_p.shape[0] // num_teacher_views
+        scaled = student_logits.float()  # a copy unless the logits are float32 already; never divide those in place
+        scaled = scaled / student_temp if scaled is student_logits else scaled.div_(student_temp)
+        student_logp = F.log_softmax(scaled, dim=-1)
+        del scaled
+        teacher_sum = teacher_p.view(num_teacher_views, batch, -1).sum(0)  # B x K: every view's p_q summed
+        # sum over all pairs (q, v) of <p_q, log p_v>, minus the pairs of a view with itself
+        all_pairs = (teacher_sum * student_logp.view(num_student_views, batch, -1).sum(0)).sum()
+        same = min(num_teacher_views, num_student_views) * batch
+        same_view = (teacher_p[:same] * student_logp[:same]).sum()
+        pairs = num_teacher_views * num_student_views - same // batch
+        ctx.save_for_backward(student_logp, teacher_p, teacher_sum)
+        ctx.scale, ctx.dtype = 1.0 / (student_temp * batch * pairs), student_logits.dtype
+        return -(all_pairs - same_view) / (batch * pairs)
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        student_logp, teacher_p, teacher_sum = ctx.saved_tensors
+        batch = teacher_sum.shape[0]
+        same = min(teacher_p.shape[0], student_logp.shape[0])
+        scale = grad_loss * ctx.scale  # 0-d, on the device: no host sync
+        q_total = teacher_sum.sum(-1).repeat(student_logp.shape[0] // batch)  # n_v of each row, S*B
+        q_total[:same] -= teacher_p.sum(-1)[:same]
+        grad = student_logp.exp_()  # softmax(s_v / tau), in place
+        grad.mul_((q_total * scale).unsqueeze(-1))
+        grad.view(-1, batch, grad.shape[-1]).sub_(teacher_sum * scale)
+        grad[:same].addcmul_(teacher_p[:same], scale)
+        return grad.to(ctx.dtype), None, None, None, None
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:

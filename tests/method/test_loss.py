@@ -36,6 +36,39 @@ def test_loss_equals_direct_formula_with_pair_exclusion():
     assert stats["kl"].item() == pytest.approx((expected - entropy).item(), rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.parametrize("n_teacher_views, n_student_views", [(2, 6), (2, 2), (1, 3), (3, 2)])
+def test_gradient_equals_autograd_through_the_direct_formula(n_teacher_views, n_student_views):
+    torch.manual_seed(0)
+    batch, k = 3, 11
+    student = torch.randn(n_student_views * batch, k, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(n_teacher_views * batch, k, dtype=torch.float64)
+    loss_fn = DINOLoss(k, student_temp=0.1).double()
+    loss_fn.center = torch.randn(1, k, dtype=torch.float64)
+    loss, _ = loss_fn(student, teacher, teacher_temp=0.04, num_teacher_views=n_teacher_views)
+    (3.0 * loss).backward()  # an upstream gradient other than 1
+    ours = student.grad.clone()
+    student.grad = None
+    expected, _ = direct_loss(student, teacher, loss_fn.center, 0.1, 0.04, n_teacher_views)
+    (3.0 * expected).backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # the loss computes in float32
+    torch.testing.assert_close(ours, student.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_logits_get_a_bf16_gradient():
+    student = torch.randn(8, 16).bfloat16().requires_grad_()
+    loss, _ = DINOLoss(16)(student, torch.randn(4, 16).bfloat16(), 0.04)
+    loss.backward()
+    assert loss.dtype == torch.float32 and student.grad.dtype == torch.bfloat16
+
+
+def test_a_second_backward_is_refused():
+    student = torch.randn(8, 5, requires_grad=True)
+    loss, _ = DINOLoss(5)(student, torch.randn(4, 5), 0.04)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_teacher_receives_no_gradient_and_student_does():
     student = torch.randn(8, 5, requires_grad=True)
     teacher = torch.randn(4, 5, requires_grad=True)
