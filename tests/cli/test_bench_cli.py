@@ -92,6 +92,19 @@ def test_compile_ab_alternates_the_eager_and_the_compiled_step(tmp_path):
     assert [len(ts) for ts in run["step_s"].values()] == [2, 2] and set(run["step_s"]) == {"eager", "compile=loss"}
 
 
+def test_loss_ab_times_both_losses_on_the_same_logits(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(PEERS.parents[1])}
+    proc = subprocess.run([sys.executable, str(PEERS.parent / "loss_ab.py"), "--batch-size", "2", "--views", "4",
+                           "--out-dim", "32", "--steps", "2", "--threads", "1", "--results", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    losses = [line.split("loss")[-1].strip() for line in proc.stdout.splitlines() if "page faults" in line]
+    assert len(losses) == 2 and losses[0] == losses[1]  # the same value, to the printed 6 decimals
+    run = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]
+    assert run["kind"] == "loss_ab" and {name: len(ts) for name, ts in run["step_s"].items()} == {
+        "hand-written": 2, "autograd": 2}
+
+
 def test_peers_needs_the_official_clone(tmp_path):
     proc = _peers("--only", "official", "--official-dino", tmp_path, tmp_path=tmp_path)
     assert proc.returncode != 0 and "facebookresearch/dino" in proc.stderr
