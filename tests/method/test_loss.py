@@ -36,14 +36,18 @@ def test_loss_equals_direct_formula_with_pair_exclusion():
     assert stats["kl"].item() == pytest.approx((expected - entropy).item(), rel=1e-4, abs=1e-5)
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("n_teacher_views, n_student_views", [(2, 6), (2, 2), (1, 3), (3, 2)])
-def test_gradient_equals_autograd_through_the_direct_formula(n_teacher_views, n_student_views):
+def test_gradient_equals_autograd_through_the_direct_formula(n_teacher_views, n_student_views, device):
     torch.manual_seed(0)
     batch, k = 3, 11
-    student = torch.randn(n_student_views * batch, k, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(n_teacher_views * batch, k, dtype=torch.float64)
-    loss_fn = DINOLoss(k, student_temp=0.1).double()
-    loss_fn.center = torch.randn(1, k, dtype=torch.float64)
+    student = torch.randn(n_student_views * batch, k, dtype=torch.float64).to(device).requires_grad_()
+    teacher = torch.randn(n_teacher_views * batch, k, dtype=torch.float64).to(device)
+    loss_fn = DINOLoss(k, student_temp=0.1).double().to(device)
+    loss_fn.center = torch.randn(1, k, dtype=torch.float64).to(device)
     loss, _ = loss_fn(student, teacher, teacher_temp=0.04, num_teacher_views=n_teacher_views)
     (3.0 * loss).backward()  # an upstream gradient other than 1
     ours = student.grad.clone()
