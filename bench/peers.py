@@ -20,7 +20,9 @@ threads. ``--only dinokit,dinokit-bf16,official,lightly`` adds dinokit with its 
 ``torch.compile``, compiled in the warm-up steps). Each implementation runs in its own process, so
 that its peak memory is its own. Prints images/s, process CPU time per step (the fair measure
 when other programs share the cores), peak memory and dinokit's ratio to each peer; appends the
-results to ``bench/results/<machine>-<date>.json``.
+results to ``bench/results/<machine>-<date>.json``. ``--interleave`` runs them all in one process
+instead, taking turns step by step, so that a machine whose speed drifts slows them alike: steadier
+ratios of speed, but no peak memory of each.
 
 ``--device cuda`` runs the step on the GPU, each implementation with its own mixed precision:
 dinokit its default bf16 autocast, the official code its default fp16 autocast with a gradient
@@ -227,20 +229,48 @@ def build_lightly(w: dict):
     return step
 
 
+def build(name: str, w: dict, clone: Path | None):
+    """The step function of implementation ``name`` on the workload."""
+    if name.startswith("dinokit"):
+        return build_dinokit(w, "bf16" if "-bf16" in name else "auto",  # auto: fp32 on a CPU, bf16 on CUDA
+                             "loss" if name.endswith("+compiled-loss") else "off")
+    if name == "official":
+        return build_official(w, clone)
+    return build_lightly(w)
+
+
 def worker(name: str, w: dict, steps: int, warmup: int, clone: Path | None) -> dict:
     torch.set_num_threads(w["threads"])
     device = torch.device(w["device"])
     start_rss, start_load = peak_rss_mib(), os.getloadavg()[0]
-    if name.startswith("dinokit"):
-        step = build_dinokit(w, "bf16" if "-bf16" in name else "auto",  # auto: fp32 on a CPU, bf16 on CUDA
-                             "loss" if name.endswith("+compiled-loss") else "off")
-    elif name == "official":
-        step = build_official(w, clone)
-    else:
-        step = build_lightly(w)
-    out = time_steps(step, steps, warmup, device)
+    out = time_steps(build(name, w, clone), steps, warmup, device)
     return {**out, "images_per_s": w["batch_size"] / out["step_s"], "peak_memory_mib": peak_memory(device)[0],
             "rss_after_imports_mib": start_rss, "load_average": (start_load, os.getloadavg()[0])}
+
+
+def interleaved(names: list[str], w: dict, steps: int, warmup: int, clone: Path | None) -> dict[str, dict]:
+    """All implementations in this process, taking turns step by step (ABC, then CBA, ...), so that
+    a drift of the machine slows them alike: wall and process CPU seconds per step, their medians."""
+    torch.set_num_threads(w["threads"])
+    device = torch.device(w["device"])
+    built = {name: build(name, w, clone) for name in names}
+    for step in built.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for i in range(steps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            built[name]()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start, time.process_time() - cpu_start))
+    results = {}
+    for name, ts in times.items():
+        step_s = statistics.median(t for t, _ in ts)
+        results[name] = {"step_s": step_s, "cpu_s": statistics.median(c for _, c in ts),
+                         "images_per_s": w["batch_size"] / step_s, "all_step_s": [t for t, _ in ts]}
+    return results
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -270,6 +300,9 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
     p.add_argument("--rounds", type=int, default=1,
                    help="run the implementations this many times, in alternating order, and take the median: "
                         "fairer where other programs share the cores")
+    p.add_argument("--interleave", action="store_true",
+                   help="run all implementations in one process, taking turns step by step: steadier ratios on a "
+                        "shared machine; peak memory is then not per implementation and is not reported")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N [default: cpu]")
     p.add_argument("--results", default="bench/results", help="folder of the results files")
@@ -294,6 +327,25 @@ def workload(args: argparse.Namespace) -> dict:
             "memory": "torch.cuda.max_memory_allocated" if kind == "cuda" else "peak RSS", "data": "synthetic"}
 
 
+def separate_processes(names: list[str], args: argparse.Namespace, argv: list[str] | None, width: int) -> dict:
+    """Each implementation in its own process (so that its peak memory is its own), ``--rounds``
+    times in alternating order; the runs of each, printed as they finish."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        for name in (names if round_ % 2 == 0 else names[::-1]):
+            cmd = [sys.executable, __file__, "--worker", name, *(argv if argv is not None else sys.argv[1:])]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"{name}: failed\n{proc.stderr.strip()[-2000:]}", file=sys.stderr)
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[name].append(r)
+            print(f"  {name:<{width}} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
+                  f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak memory {r['peak_memory_mib']:6.0f} MiB  "
+                  f"load {r['load_average'][0]:.1f}->{r['load_average'][1]:.1f}", flush=True)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     w = workload(args)
@@ -316,38 +368,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {args.arch}/{args.patch_size}, batch {args.batch_size}, views 2x{args.global_size}px + "
           f"{args.local_crops}x{args.local_size}px, K={args.out_dim}, {device.type}: {w['precision']}, {args.threads} threads, "
           f"{args.steps} timed steps after {args.warmup}", flush=True)
-    runs: dict[str, list[dict]] = {name: [] for name in names}
     width = max(12, *map(len, names))
-    for round_ in range(args.rounds):
-        for name in (names if round_ % 2 == 0 else names[::-1]):
-            cmd = [sys.executable, __file__, "--worker", name, *(argv if argv is not None else sys.argv[1:])]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                print(f"{name}: failed\n{proc.stderr.strip()[-2000:]}", file=sys.stderr)
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs[name].append(r)
-            print(f"  {name:<{width}} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
-                  f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak memory {r['peak_memory_mib']:6.0f} MiB  "
-                  f"load {r['load_average'][0]:.1f}->{r['load_average'][1]:.1f}", flush=True)
-    results = {name: summarise(rs, args.batch_size) for name, rs in runs.items() if rs}
-    if args.rounds > 1:
-        print(f"median of {args.rounds} rounds:")
+    if args.interleave:
+        results, runs = interleaved(names, w, args.steps, args.warmup, args.official_dino), {}
+        print(f"medians of {args.steps} steps each, taking turns in one process:")
         for name, r in results.items():
             print(f"  {name:<{width}} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
-                  f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak memory {r['peak_memory_mib']:6.0f} MiB")
+                  f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)")
+        complete = True
+    else:
+        runs = separate_processes(names, args, argv, width)
+        results = {name: summarise(rs, args.batch_size) for name, rs in runs.items() if rs}
+        if args.rounds > 1:
+            print(f"median of {args.rounds} rounds:")
+            for name, r in results.items():
+                print(f"  {name:<{width}} {r['images_per_s']:8.2f} images/s  {1000 * r['step_s']:8.0f} ms/step  "
+                      f"(CPU {1000 * r['cpu_s']:8.0f} ms/step)  peak memory {r['peak_memory_mib']:6.0f} MiB")
+        complete = all(len(rs) == args.rounds for rs in runs.values())
     for ours in (n for n in results if n.startswith("dinokit")):
         for peer in (n for n in results if n in PEERS):
             speed = results[ours]["images_per_s"] / results[peer]["images_per_s"]
-            memory = results[ours]["peak_memory_mib"] / results[peer]["peak_memory_mib"]
             cpu = results[peer]["cpu_s"] / results[ours]["cpu_s"]
-            print(f"  {ours} / {peer}: {speed:.2f}x images/s ({cpu:.2f}x by CPU time), {memory:.2f}x peak memory")
+            memory = "" if args.interleave else \
+                f", {results[ours]['peak_memory_mib'] / results[peer]['peak_memory_mib']:.2f}x peak memory"
+            print(f"  {ours} / {peer}: {speed:.2f}x images/s ({cpu:.2f}x by CPU time){memory}")
     if results and not args.no_save:
         record = {"kind": "peers", "machine": describe_machine(device), "workload": w,
-                  "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "results": results,
-                  "all_runs": runs}
+                  "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "interleaved": args.interleave,
+                  "results": results, "all_runs": runs}
         print(f"saved to {save_result(record, args.results)}")
-    return 0 if all(len(rs) == args.rounds for rs in runs.values()) else 1
+    return 0 if complete else 1
 
 
 if __name__ == "__main__":

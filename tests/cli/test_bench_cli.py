@@ -92,6 +92,15 @@ def test_compile_ab_alternates_the_eager_and_the_compiled_step(tmp_path):
     assert [len(ts) for ts in run["step_s"].values()] == [2, 2] and set(run["step_s"]) == {"eager", "compile=loss"}
 
 
+def test_peers_interleaved_take_turns_in_one_process(tmp_path):
+    proc = _peers("--only", "dinokit,dinokit-bf16", "--interleave", "--steps", "2", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "taking turns in one process" in proc.stdout and "peak memory" not in proc.stdout
+    run = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]
+    assert run["interleaved"] and {name: len(r["all_step_s"]) for name, r in run["results"].items()} == {
+        "dinokit": 2, "dinokit-bf16": 2}
+
+
 def test_loss_ab_times_both_losses_on_the_same_logits(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(PEERS.parents[1])}
     proc = subprocess.run([sys.executable, str(PEERS.parent / "loss_ab.py"), "--batch-size", "2", "--views", "4",
