@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from dinokit.models.head import DINOHead
+from dinokit.models.head import DINOHead, WeightNormLinear
 from dinokit.models.multicrop import MultiCropModel
 from dinokit.models.vit import vit
 
@@ -44,3 +44,22 @@ def test_multicrop_model_one_backbone_pass_per_resolution():
     assert out.shape == (18, 50)
     assert calls == [(6, 3, 32, 32), (12, 3, 16, 16)]
     assert torch.allclose(out[:3], model.head(backbone(views[0])), atol=1e-5)
+
+def test_weight_norm_gradients_equal_autograd_through_the_formula():
+    torch.manual_seed(0)
+    last = WeightNormLinear(8, 12, fix_gain=False).double()
+    with torch.no_grad():
+        last.weight_g.uniform_(0.5, 2.0)  # a gain other than 1
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, 12, dtype=torch.float64)
+    (last(x) * upstream).sum().backward()
+    ours = [t.grad.clone() for t in (x, last.weight_v, last.weight_g)]
+    for t in (x, last.weight_v, last.weight_g):
+        t.grad = None
+    v, g = last.weight_v, last.weight_g
+    ((x @ (v * g / v.norm(dim=1, keepdim=True)).T) * upstream).sum().backward()
+    for mine, expected in zip(ours, (x.grad, v.grad, g.grad)):
+        torch.testing.assert_close(mine, expected, rtol=1e-10, atol=1e-12)
+    fixed = WeightNormLinear(8, 12).double()
+    fixed(x).sum().backward()
+    assert fixed.weight_g.grad is None and fixed.weight_v.grad is not None
