@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402  (bench/peers.py: the workload and dinokit's step on it)
 
-from dinokit.train.bench import describe_machine, save_result, synchronize  # noqa: E402
+from dinokit.train.bench import describe_machine, save_result  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,18 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     steps = {"eager": peers.build_dinokit(w, precision, "off"),
              f"compile={compile_parts}": peers.build_dinokit(w, precision, compile_parts)}
-    for step in steps.values():  # warm-up; the compiled one compiles here
-        for _ in range(args.warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    for i in range(args.steps):
-        for name in (order if i % 2 == 0 else order[::-1]):
-            synchronize(device)
-            start = time.perf_counter()
-            steps[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+    runs = peers.take_turns(steps, args.steps, args.warmup, device)  # the compiled one compiles in its warm-up
+    times = {name: run["wall_s"] for name, run in runs.items()}
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"{w['arch']}/{w['patch_size']}, batch {w['batch_size']}, views 2x{w['global_size']}px + "
           f"{w['local_crops']}x{w['local_size']}px, K={w['out_dim']}, precision {precision}, {device}, "

@@ -3,28 +3,30 @@
     python bench/loss_ab.py [--batch-size 64] [--views 8] [--out-dim 65536] [--dtype fp32|bf16] [--device cpu]
 
 Both take the same random student logits (``views * batch`` x K, in ``--dtype``) and teacher
-logits (2 x batch x K) and run forward and backward, taking turns (ABBA order) so that a drift of
-the machine hits both. The autograd variant is the formula dinokit's ``DINOLoss`` computes (the
-sum over all view pairs by two reductions, minus the pairs of a view with itself), written with
-differentiable tensor ops (without the collapse statistics that ``DINOLoss`` also computes, so the
-comparison favours it). Prints the median time of each and, on Linux, the page faults per
-step (fresh large tensors are faulted in anew: a cost of the allocations, not the arithmetic);
-appends them to ``bench/results/<machine>-<date>.json``.
+logits (2 x batch x K) and run forward and backward, taking turns (ABBA order, ``take_turns`` of
+``bench/peers.py``) so that a drift of the machine hits both. The autograd variant is the formula
+dinokit's ``DINOLoss`` computes (the sum over all view pairs by two reductions, minus the pairs of
+a view with itself), written with differentiable tensor ops (without the collapse statistics that
+``DINOLoss`` also computes, so the comparison favours it). Prints the median time and page faults
+of each (fresh large tensors are faulted in anew: a cost of the allocations, not the arithmetic)
+and appends them to ``bench/results/<machine>-<date>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dinokit.method.loss import DINOLoss
-from dinokit.train.bench import describe_machine, save_result, synchronize
+sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402  (bench/peers.py: take_turns)
+
+from dinokit.method.loss import DINOLoss  # noqa: E402
+from dinokit.train.bench import describe_machine, save_result  # noqa: E402
 
 
 def autograd_loss(loss_fn: DINOLoss, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -60,23 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     student = torch.randn(args.views * args.batch_size, args.out_dim, generator=g).to(device, dtype).requires_grad_()
     teacher = torch.randn(2 * args.batch_size, args.out_dim, generator=g).to(device, dtype)
     loss_fn = DINOLoss(args.out_dim).to(device)
-    variants = {"hand-written": lambda: loss_fn(student, teacher, 0.07)[0],
-                "autograd": lambda: autograd_loss(loss_fn, student, teacher, 0.07)}
-    values = {}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    faults: dict[str, list[int]] = {name: [] for name in variants}
-    for i in range(args.steps + 1):  # the first round warms up
-        for name in (list(variants) if i % 2 == 0 else list(variants)[::-1]):
-            synchronize(device)
-            start, faults_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            loss = variants[name]()
+    values: dict[str, float] = {}
+
+    def forward_backward(name: str, loss_of):
+        def run() -> None:
+            loss = loss_of()
             loss.backward()
             student.grad = None
-            synchronize(device)
-            if i:
-                times[name].append(time.perf_counter() - start)
-                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
             values[name] = loss.item()
+        return run
+
+    variants = {"hand-written": forward_backward("hand-written", lambda: loss_fn(student, teacher, 0.07)[0]),
+                "autograd": forward_backward("autograd", lambda: autograd_loss(loss_fn, student, teacher, 0.07))}
+    runs = peers.take_turns(variants, args.steps, 1, device)
+    times = {name: run["wall_s"] for name, run in runs.items()}
+    faults = {name: run["page_faults"] for name, run in runs.items()}
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"DINO loss forward+backward: {args.views} x {args.batch_size} student rows, K={args.out_dim}, "
           f"{args.dtype} logits, {device}, {args.threads} threads; {args.steps} runs each, alternating")

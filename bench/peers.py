@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,6 +73,29 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> dict:
         step()
     synchronize(device)
     return {"step_s": (time.perf_counter() - start) / steps, "cpu_s": (time.process_time() - cpu_start) / steps}
+
+
+def take_turns(steps: dict[str, Callable[[], object]], count: int, warmup: int,
+               device: torch.device) -> dict[str, dict[str, list]]:
+    """Run the step functions in turn (ABC, then CBA, ...), ``count`` times each after ``warmup``
+    untimed runs, so that a drift of the machine slows them alike. Per name, of each timed run:
+    ``wall_s``, ``cpu_s`` (process CPU seconds) and ``page_faults`` (minor faults: fresh memory)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    runs: dict[str, dict[str, list]] = {name: {"wall_s": [], "cpu_s": [], "page_faults": []} for name in steps}
+    order = list(steps)
+    for i in range(count):
+        for name in (order if i % 2 == 0 else order[::-1]):
+            synchronize(device)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start, cpu_start = time.perf_counter(), time.process_time()
+            steps[name]()
+            synchronize(device)
+            runs[name]["wall_s"].append(time.perf_counter() - start)
+            runs[name]["cpu_s"].append(time.process_time() - cpu_start)
+            runs[name]["page_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+    return runs
 
 
 def views_for(w: dict) -> list[torch.Tensor]:
@@ -249,27 +273,14 @@ def worker(name: str, w: dict, steps: int, warmup: int, clone: Path | None) -> d
 
 
 def interleaved(names: list[str], w: dict, steps: int, warmup: int, clone: Path | None) -> dict[str, dict]:
-    """All implementations in this process, taking turns step by step (ABC, then CBA, ...), so that
-    a drift of the machine slows them alike: wall and process CPU seconds per step, their medians."""
+    """All implementations in this process, taking turns step by step: the medians of each."""
     torch.set_num_threads(w["threads"])
-    device = torch.device(w["device"])
     built = {name: build(name, w, clone) for name in names}
-    for step in built.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-    for i in range(steps):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            built[name]()
-            synchronize(device)
-            times[name].append((time.perf_counter() - start, time.process_time() - cpu_start))
     results = {}
-    for name, ts in times.items():
-        step_s = statistics.median(t for t, _ in ts)
-        results[name] = {"step_s": step_s, "cpu_s": statistics.median(c for _, c in ts),
-                         "images_per_s": w["batch_size"] / step_s, "all_step_s": [t for t, _ in ts]}
+    for name, run in take_turns(built, steps, warmup, torch.device(w["device"])).items():
+        step_s = statistics.median(run["wall_s"])
+        results[name] = {"step_s": step_s, "cpu_s": statistics.median(run["cpu_s"]),
+                         "images_per_s": w["batch_size"] / step_s, "all_step_s": run["wall_s"]}
     return results
 
 
