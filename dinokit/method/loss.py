@@ -113,8 +113,9 @@ class _PairedCrossEntropy(torch.autograd.Function):
         batch = teacher_sum.shape[0]
         same = min(teacher_p.shape[0], student_logp.shape[0])
         scale = grad_loss * ctx.scale  # 0-d, on the device: no host sync
-        q_total = teacher_sum.sum(-1).repeat(student_logp.shape[0] // batch)  # n_v of each row, S*B
-        q_total[:same] -= teacher_p.sum(-1)[:same]
+        row_sums = teacher_p.sum(-1)  # G*B, each 1 up to rounding
+        q_total = row_sums.view(-1, batch).sum(0).repeat(student_logp.shape[0] // batch)  # n_v of each row, S*B
+        q_total[:same] -= row_sums[:same]
         grad = student_logp.exp_()  # softmax(s_v / tau), in place
         grad.mul_((q_total * scale).unsqueeze(-1))
         grad.view(-1, batch, grad.shape[-1]).sub_(teacher_sum * scale)

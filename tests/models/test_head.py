@@ -45,6 +45,7 @@ def test_multicrop_model_one_backbone_pass_per_resolution():
     assert calls == [(6, 3, 32, 32), (12, 3, 16, 16)]
     assert torch.allclose(out[:3], model.head(backbone(views[0])), atol=1e-5)
 
+
 def test_weight_norm_gradients_equal_autograd_through_the_formula():
     torch.manual_seed(0)
     last = WeightNormLinear(8, 12, fix_gain=False).double()
