@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from dinokit.train.bench import _step_hyperparameters, describe_machine, peak_memory, save_result, synchronize
+from dinokit.train.host_memory import use_memory_policy
 
 IMPLEMENTATIONS = ("dinokit", "dinokit-bf16", "dinokit+compiled-loss", "dinokit-bf16+compiled-loss", "official",
                    "lightly")  # -bf16: its CPU bf16 autocast; +compiled-loss: compile=loss
@@ -117,6 +118,7 @@ HYPER = {"lr": 1.25e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp":
 def build_dinokit(w: dict, precision: str, compile_: str):
     """dinokit's own training step (``dinokit.train.loop.train_step``) on the workload."""
     from dinokit.config import TrainConfig
+    from dinokit.train.host_memory import use_memory_policy
     from dinokit.train.loop import _autocast, build_state, train_step
 
     cfg = TrainConfig.build({
@@ -126,8 +128,10 @@ def build_dinokit(w: dict, precision: str, compile_: str):
         "precision": precision, "drop_path_rate": 0.1, "lr": HYPER["lr"] * 256 / w["batch_size"],
         "weight_decay": HYPER["weight_decay"], "momentum_teacher": HYPER["momentum"],
         "teacher_temp": HYPER["teacher_temp"], "clip_grad": HYPER["clip"], "compile": compile_,
+        "keep_freed_memory": w["keep_freed_memory"] != "none",
     })
     device = torch.device(w["device"])
+    use_memory_policy(cfg.keep_freed_memory, device)  # as dinokit train does
     state = build_state(cfg, device)
     state.compile(cfg.compile)
     autocast, hp, views = _autocast(cfg, device), _step_hyperparameters(cfg), views_for(w)
@@ -255,6 +259,8 @@ def build_lightly(w: dict):
 
 def build(name: str, w: dict, clone: Path | None):
     """The step function of implementation ``name`` on the workload."""
+    if name in PEERS and w["keep_freed_memory"] == "all":
+        use_memory_policy(True, torch.device(w["device"]))
     if name.startswith("dinokit"):
         return build_dinokit(w, "bf16" if "-bf16" in name else "auto",  # auto: fp32 on a CPU, bf16 on CUDA
                              "loss" if name.endswith("+compiled-loss") else "off")
@@ -316,6 +322,10 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
                         "shared machine; peak memory is then not per implementation and is not reported")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N [default: cpu]")
+    p.add_argument("--keep-freed-memory", choices=("dinokit", "all", "none"), default=None,
+                   help="which implementations run with glibc's malloc keeping freed memory for the next step, as "
+                        "dinokit train does on a CPU (dinokit/train/host_memory.py): dinokit, all (the step's code "
+                        "alone compared), none [default: dinokit; all with --interleave, one process]")
     p.add_argument("--results", default="bench/results", help="folder of the results files")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
@@ -332,10 +342,14 @@ PRECISION = {"cpu": "fp32 (dinokit-bf16: bf16 autocast)",
 
 def workload(args: argparse.Namespace) -> dict:
     kind = torch.device(args.device).type
+    keep = args.keep_freed_memory or ("all" if getattr(args, "interleave", False) else "dinokit")
+    if keep == "dinokit" and getattr(args, "interleave", False):
+        sys.exit("--interleave runs every implementation in one process: --keep-freed-memory all or none")
     return {"arch": args.arch, "patch_size": args.patch_size, "global_size": args.global_size,
             "local_size": args.local_size, "local_crops": args.local_crops, "batch_size": args.batch_size,
             "out_dim": args.out_dim, "threads": args.threads, "device": args.device, "precision": PRECISION[kind],
-            "memory": "torch.cuda.max_memory_allocated" if kind == "cuda" else "peak RSS", "data": "synthetic"}
+            "memory": "torch.cuda.max_memory_allocated" if kind == "cuda" else "peak RSS", "data": "synthetic",
+            "keep_freed_memory": keep if kind == "cpu" else "none"}
 
 
 def separate_processes(names: list[str], args: argparse.Namespace, argv: list[str] | None, width: int) -> dict:
@@ -378,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"workload: {args.arch}/{args.patch_size}, batch {args.batch_size}, views 2x{args.global_size}px + "
           f"{args.local_crops}x{args.local_size}px, K={args.out_dim}, {device.type}: {w['precision']}, {args.threads} threads, "
-          f"{args.steps} timed steps after {args.warmup}", flush=True)
+          f"{args.steps} timed steps after {args.warmup}"
+          f"{'' if device.type != 'cpu' else '; freed memory kept by: ' + w['keep_freed_memory']}", flush=True)
     width = max(12, *map(len, names))
     if args.interleave:
         results, runs = interleaved(names, w, args.steps, args.warmup, args.official_dino), {}

@@ -4,7 +4,8 @@ Shapes: an image batch ``B x 3 x H x W`` (H, W multiples of the patch size p) be
 ``T = 1 + (H/p)(W/p)`` tokens of width D; the [CLS] token comes first. Position embeddings
 are learned for ``img_size`` and interpolated bicubically for any other size, square or not.
 Attention goes through ``scaled_dot_product_attention`` (flash / memory-efficient kernels on
-GPU); the explicit softmax is computed only when the attention map itself is asked for.
+GPU); on a CPU it is written out (two matmuls around a softmax) for short sequences, where that
+is faster (``_explicit_attention``), and whenever the attention map itself is asked for.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import stochastic_depth
 
 VIT_SIZES = {  # name: (embed_dim, depth, num_heads)
     "vit_tiny": (192, 12, 3),
@@ -63,12 +63,21 @@ class Attention(nn.Module):
 #: ``scaled_dot_product_attention``, whose CPU flash kernel is 2.5-10x slower in bf16 at
 #: 17-197 tokens (forward + backward, 2 threads) and faster at 785.
 CPU_BF16_EXPLICIT_MAX_TOKENS = 256
+#: The same for float32 attention that is trained through (forward + backward): the flash
+#: kernel's backward is the slow part, 1.1-1.5x the time of the written-out one at 17-145 tokens
+#: (2 threads); its forward alone is faster, so attention without gradient always uses it.
+CPU_FP32_TRAINING_EXPLICIT_MAX_TOKENS = 128
 
 
 def _explicit_attention(q: torch.Tensor) -> bool:
-    """Whether to write the attention out instead of calling the fused kernel: on a CPU in bf16
-    (autocast), for sequences up to ``CPU_BF16_EXPLICIT_MAX_TOKENS`` (measured for bf16 only)."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= CPU_BF16_EXPLICIT_MAX_TOKENS
+    """Whether to write the attention out instead of calling the fused kernel: on a CPU, in bf16
+    (autocast) up to ``CPU_BF16_EXPLICIT_MAX_TOKENS`` tokens, and in float32 when gradients flow
+    through it, up to ``CPU_FP32_TRAINING_EXPLICIT_MAX_TOKENS`` tokens."""
+    if q.device.type != "cpu":
+        return False
+    if q.dtype == torch.bfloat16:
+        return q.shape[-2] <= CPU_BF16_EXPLICIT_MAX_TOKENS
+    return q.requires_grad and q.shape[-2] <= CPU_FP32_TRAINING_EXPLICIT_MAX_TOKENS
 
 
 class Mlp(nn.Module):
@@ -94,8 +103,20 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + stochastic_depth(self.attn(self.norm1(x)), self.drop_path, "row", self.training)
-        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
+        x = add_residual(x, self.attn(self.norm1(x)), self.drop_path if self.training else 0.0)
+        return add_residual(x, self.mlp(self.norm2(x)), self.drop_path if self.training else 0.0)
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: float) -> torch.Tensor:
+    """``x + branch`` with stochastic depth: each sample's branch (``B x ...``) is dropped with
+    probability ``drop_path`` and kept ones are scaled by ``1 / (1 - drop_path)``, in one pass
+    (``addcmul``; masking then adding would make one more tensor the size of ``x``). The mask is
+    drawn as torchvision's ``stochastic_depth(branch, drop_path, "row")`` draws it."""
+    if drop_path == 0.0:
+        return x + branch
+    keep = 1.0 - drop_path
+    scale = torch.empty((branch.shape[0],) + (1,) * (branch.ndim - 1), dtype=branch.dtype, device=branch.device)
+    return torch.addcmul(x, branch, scale.bernoulli_(keep).div_(keep))
 
 
 class PatchEmbed(nn.Module):

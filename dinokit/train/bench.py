@@ -45,6 +45,7 @@ from dinokit.data.folders import DataError, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.data.device_views import view_pipeline
 from dinokit.train.distributed import resolve_device
+from dinokit.train.host_memory import use_memory_policy
 from dinokit.train.loop import _autocast, _num_workers, build_state, train_step
 
 PHASES = ("data", "views", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "ema", "centre")
@@ -335,6 +336,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
     load_before = load_average()
     workers = 0 if data == "synthetic" else _num_workers(cfg, device)
     batches, finish_views = _batches(cfg, data, workers, device)  # first: a bad data folder fails fast
+    kept = use_memory_policy(cfg.keep_freed_memory, device)
     torch.manual_seed(cfg.seed)
     state = build_state(cfg, device)
     autocast = _autocast(cfg, device)
@@ -378,7 +380,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         per_core = measure_pipeline(cfg, batches=2 if device.type == "cpu" else 4, workers=0)
     return BenchResult(
         machine=describe_machine(device),
-        workload=describe_workload(cfg, data, device, workers),
+        workload={**describe_workload(cfg, data, device, workers), "keep_freed_memory": kept},
         steps=steps,
         images_per_s=steps * cfg.batch_size / elapsed,
         step_ms=1000 * elapsed / steps,
@@ -441,6 +443,8 @@ def format_result(result: BenchResult) -> str:
         ms = result.phases_ms[name]
         lines.append(f"    {name:<16} {ms:10.1f} ms  {100 * ms / result.step_ms:5.1f}%")
     kind = "peak RSS" if result.memory_kind == "peak_rss" else "peak CUDA memory allocated"
+    if result.memory_kind == "peak_rss":
+        kind += "; freed memory kept for the next step" if w.get("keep_freed_memory") else "; freed memory returned"
     lines.append(f"  memory             {result.peak_memory_mib:10.0f} MiB ({kind})")
     if result.mfu is not None:
         lines.append(f"  model FLOPs        {result.flops_per_step / 1e9:10.1f} GFLOP/step; MFU {100 * result.mfu:.1f}% "

@@ -42,6 +42,7 @@ from dinokit.train.distributed import (DistEnv, any_process, check_agreement, fi
                                        mean_over_processes, resolve_device, shutdown_distributed, sync_batch_norm)
 from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
                                 read_sharded_args, save_sharded, shard)
+from dinokit.train.host_memory import use_memory_policy
 from dinokit.train.monitor import Monitor, StallWatch
 from dinokit.train.optim import build_optimizer, clip_gradients, set_hyperparameters, step_if_finite
 
@@ -308,6 +309,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
         out.mkdir(parents=True, exist_ok=True)
     with leaders_first(env):  # the first process of each node fills a data cache, the others read it
         train_images, val_images = _split_data(cfg)
+    use_memory_policy(cfg.keep_freed_memory, device)
     state = build_state(cfg, device)
     ckpt_path = out / LATEST
     sharded_path = latest_sharded(out / SHARDED) if cfg.strategy == "fsdp" else None

@@ -78,6 +78,60 @@ def test_bf16_attention_on_cpu_is_written_out_for_short_sequences(monkeypatch):
         assert torch.allclose(grad_bf16, grad_fp32, atol=0.05 * grad_fp32.abs().max().item())
 
 
+def test_fp32_attention_on_cpu_is_written_out_when_trained_through_short_sequences(monkeypatch):
+    """In float32 on a CPU the attention is computed by hand when gradients flow through it and
+    the sequence has at most CPU_FP32_TRAINING_EXPLICIT_MAX_TOKENS tokens; without gradients
+    (the teacher) and for longer sequences by scaled_dot_product_attention. Same values and
+    gradients either way."""
+    import dinokit.models.vit as vit_module
+
+    torch.manual_seed(0)
+    attn = vit("vit_tiny", patch_size=8, img_size=32).blocks[0].attn
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(vit_module.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape[-2]) or sdpa(*a, **k))
+    longest = vit_module.CPU_FP32_TRAINING_EXPLICIT_MAX_TOKENS
+    for tokens in (17, longest, longest + 1):
+        x = torch.randn(2, tokens, 192, requires_grad=True)
+        calls.clear()
+        out = attn(x)
+        assert calls == ([] if tokens <= longest else [tokens])
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        calls.clear()
+        with torch.no_grad():
+            assert torch.allclose(attn(x), out, atol=1e-5)
+        assert calls == [tokens]
+        with monkeypatch.context() as m:  # the fused kernel everywhere: the reference
+            m.setattr(vit_module, "_explicit_attention", lambda q: False)
+            reference = attn(x)
+            (grad_reference,) = torch.autograd.grad(reference.square().sum(), x)
+        assert torch.allclose(out, reference, atol=1e-5)
+        assert torch.allclose(grad, grad_reference, atol=1e-5)
+
+
+def test_residual_with_drop_path_equals_torchvision_stochastic_depth():
+    """add_residual(x, b, p) is x + stochastic_depth(b, p, "row"): the same mask from the same
+    random numbers, the same gradients; p = 0 is a plain sum."""
+    from torchvision.ops import stochastic_depth
+
+    from dinokit.models.vit import add_residual
+
+    x = torch.randn(64, 5, 8, requires_grad=True)
+    branch = torch.randn(64, 5, 8, requires_grad=True)
+    torch.manual_seed(3)
+    out = add_residual(x, branch, 0.3)
+    grads = torch.autograd.grad(out.square().sum(), (x, branch))
+    torch.manual_seed(3)
+    expected = x + stochastic_depth(branch, 0.3, "row")
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, branch))
+    assert torch.allclose(out, expected)
+    assert all(torch.allclose(g, e) for g, e in zip(grads, expected_grads))
+    kept = (out - x).flatten(1).abs().sum(1) > 0
+    assert 0 < kept.sum() < 64  # some rows dropped, some kept (64 rows, p = 0.3)
+    assert torch.allclose((out - x)[kept], branch[kept] / 0.7, atol=1e-6)
+    assert torch.equal(add_residual(x, branch, 0.0), x + branch)
+
+
 def test_drop_path_rises_linearly_and_is_off_in_eval():
     model = vit("vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.1)
     rates = [b.drop_path for b in model.blocks]
