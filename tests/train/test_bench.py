@@ -1,6 +1,7 @@
 """dinokit bench: the phase hook of the training step, the FLOP count, results files and the report."""
 
 import contextlib
+import dataclasses
 import json
 
 import pytest
@@ -85,9 +86,13 @@ def test_run_bench_on_synthetic_views():
     w = result.workload
     assert (w["views"], w["precision"], w["data"], w["workers"]) == ("2x16px + 2x8px", "fp32", "synthetic", 0)
     assert result.machine["cores"] >= 1 and result.machine["torch"] == torch.__version__
+    assert result.bf16_matmul_speedup > 0  # measured on a CPU for an fp32 step: does bf16 pay here?
     text = bench.format_result(result)
     for phrase in ("images/s", "teacher_forward", "peak RSS", "MFU"):
         assert phrase in text
+    faster = bench.format_result(dataclasses.replace(result, bf16_matmul_speedup=2.5))
+    slower = bench.format_result(dataclasses.replace(result, bf16_matmul_speedup=0.5))
+    assert "bf16 2.5x as fast as fp32" in faster and "bf16" not in slower.split("MFU")[1]
 
 
 def test_run_bench_through_the_data_pipeline(textures_dir):
