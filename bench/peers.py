@@ -18,7 +18,9 @@ threads. ``--only dinokit,dinokit-bf16,official,lightly`` adds dinokit with its 
 (neither peer has a CPU mixed-precision path); ``dinokit+compiled-loss`` and
 ``dinokit-bf16+compiled-loss`` run dinokit with ``compile=loss`` (its loss through
 ``torch.compile``, compiled in the warm-up steps). Each implementation runs in its own process, so
-that its peak memory is its own. Prints images/s, process CPU time per step (the fair measure
+that its peak memory is its own: dinokit with the host-memory setting of ``dinokit train`` on a
+CPU (``keep_freed_memory``: malloc keeps what a step frees), the peers as they are;
+``--keep-freed-memory all`` gives them the same setting (the step's code alone compared). Prints images/s, process CPU time per step (the fair measure
 when other programs share the cores), peak memory and dinokit's ratio to each peer; appends the
 results to ``bench/results/<machine>-<date>.json``. ``--interleave`` runs them all in one process
 instead, taking turns step by step, so that a machine whose speed drifts slows them alike: steadier

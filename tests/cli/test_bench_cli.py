@@ -99,6 +99,18 @@ def test_peers_interleaved_take_turns_in_one_process(tmp_path):
     run = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]
     assert run["interleaved"] and {name: len(r["all_step_s"]) for name, r in run["results"].items()} == {
         "dinokit": 2, "dinokit-bf16": 2}
+    assert run["workload"]["keep_freed_memory"] == "all"  # one process: one memory setting for all
+
+
+def test_peers_name_who_keeps_freed_memory(tmp_path):
+    """By default dinokit keeps freed memory as dinokit train does and the peers run as they are;
+    in one process (--interleave) the setting cannot be dinokit's alone."""
+    proc = _peers("--only", "dinokit", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "freed memory kept by: dinokit" in proc.stdout
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]["workload"]["keep_freed_memory"] == "dinokit"
+    proc = _peers("--only", "dinokit", "--interleave", "--keep-freed-memory", "dinokit", tmp_path=tmp_path)
+    assert proc.returncode != 0 and "--keep-freed-memory all or none" in proc.stderr
 
 
 def test_loss_ab_times_both_losses_on_the_same_logits(tmp_path):
