@@ -20,9 +20,10 @@ threads. ``--only dinokit,dinokit-bf16,official,lightly`` adds dinokit with its 
 ``torch.compile``, compiled in the warm-up steps). Each implementation runs in its own process, so
 that its peak memory is its own: dinokit with the host-memory setting of ``dinokit train`` on a
 CPU (``keep_freed_memory``: malloc keeps what a step frees), the peers as they are;
-``--keep-freed-memory all`` gives them the same setting (the step's code alone compared). Prints images/s, process CPU time per step (the fair measure
-when other programs share the cores), peak memory and dinokit's ratio to each peer; appends the
-results to ``bench/results/<machine>-<date>.json``. ``--interleave`` runs them all in one process
+``--keep-freed-memory all`` gives them the same setting (the step's code alone compared).
+Prints images/s, process CPU time per step (the fair measure when other programs share the
+cores), peak memory and dinokit's ratio to each peer; appends the results to
+``bench/results/<machine>-<date>.json``. ``--interleave`` runs them all in one process
 instead, taking turns step by step, so that a machine whose speed drifts slows them alike: steadier
 ratios of speed, but no peak memory of each.
 
@@ -120,7 +121,6 @@ HYPER = {"lr": 1.25e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp":
 def build_dinokit(w: dict, precision: str, compile_: str):
     """dinokit's own training step (``dinokit.train.loop.train_step``) on the workload."""
     from dinokit.config import TrainConfig
-    from dinokit.train.host_memory import use_memory_policy
     from dinokit.train.loop import _autocast, build_state, train_step
 
     cfg = TrainConfig.build({
