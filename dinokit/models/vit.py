@@ -32,16 +32,26 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor, cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q`` (``B x heads x T_q x d_head``, ``T_q`` = 1 with ``cls_only``: token 0's query
+        alone), ``k`` and ``v`` (``B x heads x T x d_head``)."""
         b, t, d = x.shape
-        qkv = self.qkv(x).view(b, t, 3, self.num_heads, d // self.num_heads)
+        heads = (self.num_heads, d // self.num_heads)
+        if cls_only:
+            q = F.linear(x[:, :1], self.qkv.weight[:d], self.qkv.bias[:d]).view(b, 1, *heads).transpose(1, 2)
+            k, v = (part.transpose(1, 2) for part in
+                    F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).view(b, t, 2, *heads).unbind(2))
+            return q, k, v
+        qkv = self.qkv(x).view(b, t, 3, *heads)
         # unbind + transpose views: their backward stacks the three gradients straight into the
         # layout of qkv's output (indexing qkv[i] would zero-fill and add three full-size copies)
         q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))
-        return q, k, v  # each B x heads x T x d_head
+        return q, k, v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """``B x T x D`` -> ``B x T x D``; with ``cls_only``, token 0's output alone, ``B x 1 x D``
+        (its attention over all tokens; no query, projection or output for the others)."""
+        q, k, v = self._qkv(x, cls_only)
         if _explicit_attention(q):
             out = self._weights(q, k).to(v.dtype) @ v
         else:
@@ -102,9 +112,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = add_residual(x, self.attn(self.norm1(x)), self.drop_path if self.training else 0.0)
-        return add_residual(x, self.mlp(self.norm2(x)), self.drop_path if self.training else 0.0)
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """``B x T x D`` -> ``B x T x D``; with ``cls_only``, the output of token 0 ([CLS]) alone,
+        ``B x 1 x D``: the same values as ``forward(x)[:, :1]`` for about ``1/6`` of the compute
+        (the keys and values of all tokens), and the same random draws for stochastic depth."""
+        drop_path = self.drop_path if self.training else 0.0
+        attended = self.attn(self.norm1(x), cls_only)
+        x = add_residual(x[:, :1] if cls_only else x, attended, drop_path)
+        return add_residual(x, self.mlp(self.norm2(x)), drop_path)
 
 
 def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: float) -> torch.Tensor:
@@ -193,7 +208,13 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[:, 0]
+        """The normalised [CLS] feature, ``B x D``: ``forward_features(x)[:, 0]``, with the last
+        block run for [CLS] alone (its outputs at the other tokens would be thrown away), which
+        saves ~5/6 of that block's compute (~7% of a 12-block ViT)."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.norm(self.blocks[-1](x, cls_only=True))[:, 0]
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """Outputs of the last ``n`` blocks, each through the final norm: ``n`` tensors ``B x T x D``."""

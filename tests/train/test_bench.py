@@ -61,8 +61,10 @@ def _expected_flops(cfg: TrainConfig) -> int:
     def backbone(side: int, views: int) -> tuple[int, int, int]:  # (patch conv, dense, attention) forward
         n = (side // p) ** 2
         t = n + 1
-        return (views * b * 2 * n * d * 3 * p * p, views * b * depth * 24 * t * d * d,
-                views * b * depth * 4 * t * t * d)
+        # the last block runs for [CLS] alone: keys and values of all t tokens, the rest for one
+        dense = (depth - 1) * 24 * t * d * d + 4 * t * d * d + 20 * d * d
+        attention = (depth - 1) * 4 * t * t * d + 4 * t * d
+        return views * b * 2 * n * d * 3 * p * p, views * b * dense, views * b * attention
 
     head = 2 * (d * h + h * h + h * bottleneck + bottleneck * k)
     g_conv, g_dense, g_attn = backbone(cfg.global_crops_size, 2)
