@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh [PART ...]      # default: all parts, in this order
 #
 #   tests     the tests that skip without CUDA: bf16 vs fp32 loss, the loss's gradient against
-#             autograd, fused AdamW, compiled vs eager,
+#             autograd, fused AdamW, the masked EMA, compiled vs eager,
 #             CUDA phase timer and MFU, pinned batches, no host sync in a step, GPU-side views
 #             against the CPU path, one-GPU torchrun against no launcher, peers on CUDA
 #   bench     `dinokit bench --synthetic`: the paper's ViT-S/16 step (2 x 224 + 10 x 96 px views,
@@ -91,6 +91,7 @@ run() {
 part_tests() {
     run tests 170 "$PY" -m pytest -q -rs -p no:cacheprovider -o addopts="" \
         tests/train/test_fast_paths.py tests/data/test_device_views.py tests/method/test_loss.py \
+        tests/method/test_teacher.py \
         tests/train/test_distributed.py::test_torchrun_with_one_process_equals_no_launcher \
         tests/cli/test_bench_cli.py -k "cuda or gpu or compiled or pinned or device or official"
 }

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -30,17 +31,19 @@ def test_multi_tensor_ema_equals_per_parameter_formula():
         assert torch.allclose(p, e, atol=1e-7)
 
 
-def test_masked_ema_updates_on_one_and_leaves_the_teacher_on_zero():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: there the step flag stays on the device (masked multi-tensor EMA)"))])
+def test_masked_ema_updates_on_one_and_leaves_the_teacher_on_zero(device):
     torch.manual_seed(0)
-    student = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4))
+    student = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4)).to(device)
     teacher = make_teacher(student)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p))
     before = [t.clone() for t in teacher.parameters()]
-    update_teacher(teacher, student, 0.9, apply=torch.tensor(0.0))
+    update_teacher(teacher, student, 0.9, apply=torch.tensor(0.0, device=device))
     for p, b in zip(teacher.parameters(), before):
         assert torch.equal(p, b)
-    update_teacher(teacher, student, 0.9, apply=torch.tensor(1.0))
+    update_teacher(teacher, student, 0.9, apply=torch.tensor(1.0, device=device))
     for p, b, s in zip(teacher.parameters(), before, student.parameters()):
         assert torch.allclose(p, 0.9 * b + 0.1 * s, atol=1e-7)
