@@ -166,11 +166,12 @@ def describe_machine(device: torch.device) -> dict:
 
 
 def machine_slug(machine: dict) -> str:
-    """A file-name-safe name: ``cpu-amd-epyc-2c`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    """A file-name-safe name: ``cpu-amd-epyc-2c``, ``cpu-intel-xeon-amx-2c`` (a CPU with AMX, whose
+    model name is often the same as that of one without) or ``cuda-nvidia-h100-80gb-hbm3``."""
     if "gpu" in machine:
         name = f"cuda-{machine['gpu']}"
     else:
-        name = f"cpu-{machine['cpu']}-{machine['cores']}c"
+        name = f"cpu-{machine['cpu']}{'-amx' if machine.get('cpu_amx') else ''}-{machine['cores']}c"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 

@@ -1,4 +1,5 @@
-"""`dinokit bench` and `python bench/peers.py` on tiny workloads; bad input gives one line."""
+"""`dinokit bench`, `python bench/peers.py` and the other bench scripts on tiny workloads; bad input gives
+one line."""
 
 import importlib.util
 import json
@@ -124,6 +125,41 @@ def test_loss_ab_times_both_losses_on_the_same_logits(tmp_path):
     run = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]
     assert run["kind"] == "loss_ab" and {name: len(ts) for name, ts in run["step_s"].items()} == {
         "hand-written": 2, "autograd": 2}
+
+
+def test_step_profile_splits_the_step_into_matmuls_and_other_ops(tmp_path):
+    proc = _peers(tmp_path=tmp_path, script=PEERS.parent / "step_profile.py")
+    assert proc.returncode == 0, proc.stderr
+    for phrase in ("matrix multiplies", "of the measured fp32 rate", "other ops", "outside the ops", "gelu"):
+        assert phrase in proc.stdout
+    run = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]
+    assert run["kind"] == "step_profile" and run["matmul_flop"] > 0 and run["matmul_s"] > 0
+    assert {"gelu", "native_layer_norm", "_fused_adamw_"} <= set(run["other_ops_s"])  # forward, backward, optimizer
+    assert all(name.split()[0] in ("mm", "addmm", "bmm", "baddbmm") for name in run["matmul_by_shape_s"])
+
+
+def test_step_profile_counts_the_flops_that_torch_counts():
+    """The op timer's matmul FLOPs of a linear layer's forward and backward, and of a batched
+    matmul, equal torch.utils.flop_counter's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = importlib.util.spec_from_file_location("step_profile", PEERS.parent / "step_profile.py")
+    step_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_profile)
+    layer, x = torch.nn.Linear(6, 5), torch.randn(7, 6, requires_grad=True)
+    a, b = torch.randn(3, 4, 6), torch.randn(3, 6, 2)
+
+    def work():
+        layer(x).sum().backward()
+        return torch.bmm(a, b)
+
+    timer, counter = step_profile.OpTimer(), FlopCounterMode(display=False)
+    with timer:
+        work()
+    with counter:
+        work()
+    assert sum(timer.flop.values()) == counter.get_total_flops() == 3 * 2 * 7 * 6 * 5 + 2 * 3 * 4 * 6 * 2
+    assert timer.calls["addmm 7x6 @ 6x5"] == 1 and timer.calls["bmm 3 x 4x6 @ 6x2"] == 1
 
 
 def test_peers_needs_the_official_clone(tmp_path):

@@ -123,6 +123,8 @@ def test_machine_names_and_results_files(tmp_path):
     gpu = {"cpu": "x", "cores": 16, "gpu": "NVIDIA H100 80GB HBM3"}
     assert bench.machine_slug(cpu) == "cpu-amd-epyc-7b13-64-core-processor-2c"
     assert bench.machine_slug(gpu) == "cuda-nvidia-h100-80gb-hbm3"
+    assert bench.machine_slug({"cpu": "Intel(R) Xeon(R) Processor", "cores": 2, "cpu_amx": True}) == \
+        "cpu-intel-r-xeon-r-processor-amx-2c"
     first = bench.save_result({"kind": "a", "machine": cpu}, tmp_path)
     second = bench.save_result({"kind": "b", "machine": cpu}, tmp_path)
     assert first == second and first.parent == tmp_path
