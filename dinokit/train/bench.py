@@ -44,7 +44,7 @@ from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain
 from dinokit.data.folders import DataError, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.data.device_views import view_pipeline
-from dinokit.train.distributed import resolve_device
+from dinokit.train.distributed import cpu_has_amx, resolve_device
 from dinokit.train.host_memory import use_memory_policy
 from dinokit.train.loop import _autocast, _num_workers, build_state, train_step
 
@@ -157,7 +157,7 @@ def usable_cores() -> int:
 def describe_machine(device: torch.device) -> dict:
     """CPU model, cores, threads, versions and the accelerator, for the results file."""
     info = {"cpu": cpu_model(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
-            "cpu_native_bf16": native_bf16(), "cpu_amx": getattr(torch.cpu, "_is_amx_tile_supported", bool)(),
+            "cpu_native_bf16": native_bf16(), "cpu_amx": cpu_has_amx(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

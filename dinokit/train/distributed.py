@@ -86,6 +86,11 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (recent Xeons): bf16 matmuls several times as fast as fp32."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def init_distributed(device: torch.device) -> DistEnv:
     """Join the launcher's process group (if any) and return this process's place in it.
 

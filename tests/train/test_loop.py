@@ -52,6 +52,16 @@ def test_first_epoch_keeps_last_layer_frozen(textures_dir, tmp_path):
     assert torch.equal(initial, trained)
 
 
+@pytest.mark.parametrize(("amx", "precision", "hinted"), [(True, "auto", True), (True, "fp32", False),
+                                                        (False, "auto", False)])
+def test_a_cpu_with_amx_gets_a_hint_about_bf16(textures_dir, tmp_path, monkeypatch, capsys, amx, precision, hinted):
+    """A CPU run in fp32 by default on a CPU with AMX says that bf16 may pay; not where fp32 was
+    asked for, nor on other CPUs."""
+    monkeypatch.setattr(loop, "cpu_has_amx", lambda: amx)
+    train(tiny_config(textures_dir, tmp_path / "run", epochs=1, precision=precision))
+    assert ("precision=bf16" in capsys.readouterr().out) == hinted
+
+
 def _interrupt_at(monkeypatch, stop_step: int) -> None:
     """Deliver a real SIGTERM to this process right after training step ``stop_step``."""
     real_step = loop.train_step
