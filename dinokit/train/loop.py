@@ -366,8 +366,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                   f"on {device} x {env.world_size} ({cfg.strategy if env.distributed else 'one process'}); "
                   f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs")
     if device.type == "cpu" and cfg.precision == "auto" and cpu_has_amx():
-        monitor.write("hint: this CPU has AMX: precision=bf16 (bf16 autocast) trained 1.5-2x as fast as fp32 on such "
-                      "CPUs; `dinokit bench --precision bf16` measures it here")
+        monitor.write("hint: this CPU has AMX: precision=bf16 (bf16 autocast) may train faster (a step 1.5-2x as fast "
+                      "as in fp32 on such CPUs); `dinokit bench --precision bf16` measures it here")
 
     def knn_backbone() -> nn.Module:  # under FSDP a gathered copy, so each process can run its share
         return gathered_copy(state.teacher.backbone,
