@@ -234,6 +234,15 @@ def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
     return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
 
 
+def _data_bound_hint(cfg: TrainConfig, device: torch.device, workers: int) -> str:
+    """What to try when the step waits for the data loader."""
+    tries = [f"more loader workers (num_workers={workers} now)"]
+    if device.type == "cuda" and cfg.views_on == "host":
+        tries.append("views_on=device (crops and colours on the GPU, the workers only decode: several times the "
+                     "images/s per core)")
+    return f"try {' or '.join(tries)}; `dinokit bench --data-only` measures the pipeline"
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if bf16:
@@ -359,7 +368,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     state.compile(cfg.compile)
     autocast = _autocast(cfg, device)
 
-    monitor = Monitor(out, schedules.total_steps, state.step, cfg.batch_size, enabled=env.is_main)
+    monitor = Monitor(out, schedules.total_steps, state.step, cfg.batch_size, enabled=env.is_main,
+                      data_bound_hint=_data_bound_hint(cfg, device, workers))
     knn = _Knn(cfg, train_images, val_images, out, device)
     monitor.write(f"dinokit: {len(train_images)} training images from {train_images.root}"
                   f"{f', {len(val_images)} held out for k-NN' if val_images else ''}; {cfg.arch}/{cfg.patch_size} "

@@ -18,10 +18,18 @@ import torch
 from tqdm.auto import tqdm
 
 
+#: Share of a logging window spent waiting for the data loader from which the run says what to try.
+DATA_BOUND_SHARE = 0.25
+
+
 class Monitor:
     def __init__(self, out: Path, total_steps: int, start_step: int, images_per_step: int, enabled: bool = True,
-                 tensorboard: bool = True) -> None:
+                 tensorboard: bool = True, data_bound_hint: str | None = None) -> None:
+        """``data_bound_hint``: what to try when the step waits for data (``DATA_BOUND_SHARE`` of a
+        logging window or more, after the first window, where the loader starts); said once."""
         self.enabled = enabled
+        self.data_bound_hint = data_bound_hint
+        self.windows = 0
         self.images_per_step = images_per_step
         self.pending: list[dict[str, Any]] = []
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not enabled,
@@ -74,6 +82,12 @@ class Monitor:
                 img_s=f"{self.window_steps * self.images_per_step / elapsed:.1f}",
                 data=f"{100 * self.window_data_wait / elapsed:.0f}%",
             )
+        self.windows += 1
+        waited = self.window_data_wait / elapsed
+        if self.data_bound_hint and self.windows > 1 and waited >= DATA_BOUND_SHARE:
+            self.write(f"hint: the step waited for data {waited:.0%} of the time over the last {self.window_steps} "
+                       f"steps; {self.data_bound_hint}")
+            self.data_bound_hint = None
         self.pending.clear()
         self.window_start, self.window_steps, self.window_data_wait = time.perf_counter(), 0, 0.0
 

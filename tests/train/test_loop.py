@@ -62,6 +62,15 @@ def test_a_cpu_with_amx_gets_a_hint_about_bf16(textures_dir, tmp_path, monkeypat
     assert ("precision=bf16" in capsys.readouterr().out) == hinted
 
 
+def test_the_data_hint_names_views_on_the_device_for_a_gpu_making_views_on_the_host(textures_dir, tmp_path):
+    cfg = tiny_config(textures_dir, tmp_path / "run")
+    assert "views_on=device" in loop._data_bound_hint(cfg, torch.device("cuda"), 8)
+    assert "views_on=device" not in loop._data_bound_hint(cfg, torch.device("cpu"), 1)
+    on_device = tiny_config(textures_dir, tmp_path / "run", views_on="device")
+    assert "num_workers=8" in loop._data_bound_hint(on_device, torch.device("cuda"), 8)
+    assert "views_on=device" not in loop._data_bound_hint(on_device, torch.device("cuda"), 8)
+
+
 def _interrupt_at(monkeypatch, stop_step: int) -> None:
     """Deliver a real SIGTERM to this process right after training step ``stop_step``."""
     real_step = loop.train_step

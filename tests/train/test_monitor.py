@@ -1,7 +1,7 @@
 import json
 import time
 
-from dinokit.train.monitor import StallWatch, forget_after
+from dinokit.train.monitor import Monitor, StallWatch, forget_after
 
 
 def test_a_stalled_data_source_is_reported_and_its_recovery_too():
@@ -22,6 +22,29 @@ def test_a_healthy_data_source_is_silent():
             time.sleep(0.05)
             watch.tick()
     assert messages == []
+
+
+def test_a_run_waiting_for_data_says_what_to_try_once(tmp_path, capsys):
+    """Not in the first logging window (the loader starts then), not while the step is fed, once
+    when a later window waits for data a quarter of its time or more."""
+    monitor = Monitor(tmp_path, 100, 0, 8, tensorboard=False, data_bound_hint="try views_on=device")
+    values = dict(loss=1.0, lr=1e-4, teacher_temp=0.04, momentum=0.996, teacher_entropy=1.0,
+                  teacher_batch_entropy=2.0)
+    step = 0
+
+    def window(waiting: bool) -> str:
+        nonlocal step
+        for _ in range(2):
+            time.sleep(0.05)
+            monitor.step(step, 0, values, data_wait=0.05 if waiting else 0.0)
+            step += 1
+        monitor.flush()
+        return capsys.readouterr().out
+
+    assert "hint" not in window(waiting=True) + window(waiting=False)
+    said = window(waiting=True) + window(waiting=True)
+    monitor.close()
+    assert said.count("hint: the step waited for data") == 1 and "try views_on=device" in said
 
 
 def test_a_resumed_run_forgets_what_was_logged_after_its_checkpoint(tmp_path):
