@@ -62,6 +62,25 @@ def launcher_env() -> DistEnv:
     return DistEnv()
 
 
+def processes_on_this_node() -> int:
+    """How many training processes the launcher started on this node: torchrun's
+    ``LOCAL_WORLD_SIZE``; inside ``srun``, this node's entry of ``SLURM_STEP_TASKS_PER_NODE``
+    (``4(x2),2``: 4 on the first two nodes, 2 on the third); else 1."""
+    env = os.environ
+    if "LOCAL_WORLD_SIZE" in env:
+        return max(1, int(env["LOCAL_WORLD_SIZE"]))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
+        counts = []
+        for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+            match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+            if not match:
+                return 1
+            counts += [int(match.group(1))] * int(match.group(2) or 1)
+        node = int(env.get("SLURM_NODEID", 0))
+        return max(1, counts[node]) if node < len(counts) else 1
+    return 1
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``gpu[03-05,9],cpu1`` -> ``gpu03``."""
     match = re.match(r"([^,\[]+)(?:\[([^,\]-]+))?", nodelist.strip())

@@ -39,7 +39,8 @@ from dinokit.models.multicrop import MultiCropModel
 from dinokit.train.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from dinokit.train.distributed import (DistEnv, any_process, check_agreement, cpu_has_amx, fingerprint,
                                        init_distributed, leaders_first, sum_over_processes, lost_peer, lost_peer_error,
-                                       mean_over_processes, resolve_device, shutdown_distributed, sync_batch_norm)
+                                       mean_over_processes, processes_on_this_node, resolve_device, shutdown_distributed,
+                                       sync_batch_norm)
 from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
                                 read_sharded_args, save_sharded, shard)
 from dinokit.train.host_memory import use_memory_policy
@@ -228,10 +229,14 @@ def _split_data(cfg: TrainConfig) -> tuple[ImageList, ImageList | None]:
 
 
 def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """Loader processes of this training process: ``cfg.num_workers``, or from its share of the
+    node's cores (the cores over the launcher's processes on this node): one per core on a GPU, at
+    most 8; half of them on a CPU, where the step needs the others."""
     if cfg.num_workers is not None:
         return cfg.num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
+    share = max(1, cores // processes_on_this_node())
+    return min(8, share) if device.type == "cuda" else max(1, share // 2)
 
 
 def _data_bound_hint(cfg: TrainConfig, device: torch.device, workers: int) -> str:
