@@ -96,13 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     timed_s = (time.perf_counter() - start) / args.steps
 
     per_step = {name: s / args.steps for name, s in timer.seconds.items()}
-    matmul_names = [n for n in per_step if n.split()[0] in MATMULS]
+    matmul_names = list(timer.flop)  # the op timer keys matmuls by op and shape
     matmul_s = sum(per_step[n] for n in matmul_names)
     matmul_flop_per_step = sum(timer.flop.values()) / args.steps
-    others: dict[str, float] = defaultdict(float)
-    for name, s in per_step.items():
-        if name not in matmul_names:
-            others[name] += s
+    others = {name: s for name, s in per_step.items() if name not in timer.flop}
     other_s = sum(others.values())
     outside_s = timed_s - matmul_s - other_s
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -131,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"kind": "step_profile", "machine": describe_machine(device), "workload": w,
                   "precision": args.precision, "steps": args.steps, "warmup": args.warmup, "step_s": plain,
                   "timed_step_s": timed_s, "matmul_s": matmul_s, "matmul_flop": matmul_flop_per_step,
-                  "measured_matmul_flop_per_s": rate, "other_ops_s": dict(others), "outside_ops_s": outside_s,
+                  "measured_matmul_flop_per_s": rate, "other_ops_s": others, "outside_ops_s": outside_s,
                   "matmul_by_shape_s": {n: per_step[n] for n in matmul_names}}
         print(f"saved to {save_result(record, args.results)}")
     return 0

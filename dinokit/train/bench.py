@@ -145,9 +145,7 @@ def native_bf16() -> bool:
     """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX). Whether bf16 autocast pays is
     another question, measured by ``run_bench`` (``bf16_matmul_speedup``): without AMX, bf16
     matmuls ran at half the fp32 rate on a 2-core Xeon VM."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return cpu_has_amx() or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def usable_cores() -> int:

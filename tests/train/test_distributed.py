@@ -189,7 +189,6 @@ def test_launcher_environment(monkeypatch):
 def test_processes_on_this_node_and_the_loader_workers_each_gets(monkeypatch):
     """torchrun's LOCAL_WORLD_SIZE, or this node's entry of srun's tasks per node; the default
     loader workers of a process are counted from its share of the node's cores."""
-    from dinokit.config import TrainConfig
     from dinokit.train.loop import _num_workers
 
     for var in (*LAUNCHER_VARS, "LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID"):
