@@ -29,12 +29,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ImageDataset(Dataset):
-    """Images of an ``ImageList`` through ``transform``; labels are -1 when the list has none."""
+    """Images of an ``ImageList`` through ``transform``; labels are -1 when the list has none.
 
-    def __init__(self, images: ImageList, transform: Callable, seed: int = 0) -> None:
+    ``min_side``: the short side (pixels) ``transform`` needs of an image; a larger one is
+    reduced by a power of two towards it (``load_rgb``). 0 keeps every image at full size.
+    """
+
+    def __init__(self, images: ImageList, transform: Callable, seed: int = 0, min_side: int = 0) -> None:
         self.images = images
         self.transform = transform
         self.seed = seed
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.images)
@@ -43,7 +48,7 @@ class ImageDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (None, key)
         label = self.images.labels[index] if self.images.labels is not None else -1
         try:
-            image = load_rgb(self.images.paths[index])
+            image = load_rgb(self.images.paths[index], self.min_side)
         except BadImageError as err:
             return None, label, index, str(err)
         if epoch is None:

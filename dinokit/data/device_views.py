@@ -57,6 +57,7 @@ class ViewParameters:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.canvas = canvas_side(cfg)
+        self.min_source_side = self.canvas  # load_rgb's min_side: larger images are shrunk to the canvas anyway
         blur, solarize = cfg.blur_prob, cfg.solarize_prob
         self.kinds = [(cfg.global_crops_scale, blur[0], solarize[0]), (cfg.global_crops_scale, blur[1], solarize[1])]
         self.kinds += [(cfg.local_crops_scale, blur[2], solarize[2])] * cfg.local_crops_number

@@ -4,7 +4,10 @@ A folder is *labelled* when every image lies inside a first-level sub-folder; th
 names, sorted, are the classes (the torchvision ``ImageFolder`` convention). Images directly in
 the root make it unlabelled. Files are never trusted: ``load_rgb`` turns every image mode
 (CMYK, 16-bit, palette, grayscale, alpha) into 8-bit RGB, applies EXIF rotation, and raises
-``BadImageError`` for files that cannot be decoded so callers can skip them.
+``BadImageError`` for files that cannot be decoded so callers can skip them. Given the smallest
+short side its caller needs, it reduces a larger image by a power of two, a JPEG while decoding it
+(libjpeg's DCT scaling): a 12-megapixel photo then decodes and crops several times faster, and
+its views are cut from an image still at least as large as every view needs.
 """
 
 from __future__ import annotations
@@ -95,18 +98,42 @@ def split_train_val(images: ImageList, val_fraction: float, seed: int = 0) -> tu
     return images.subset(sorted(train)), images.subset(sorted(val))
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any image file to 8-bit RGB, EXIF orientation applied. Raises ``BadImageError``."""
+def load_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
+    """Decode any image file to 8-bit RGB, EXIF orientation applied. Raises ``BadImageError``.
+
+    With ``min_side`` (pixels), an image whose short side is at least twice that is reduced by
+    the largest power of two that keeps its short side ``>= min_side``: a JPEG while it is
+    decoded (up to 1/8; libjpeg's DCT scaling), other formats, and beyond 1/8, by averaging
+    blocks of pixels (``Image.reduce``).
+    """
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if img.format in ("JPEG", "MPO"):
+                    _decode_reduced(img, min(8, reduction_for(img.size, min_side)))
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                img = _to_rgb(ImageOps.exif_transpose(img))
+                factor = reduction_for(img.size, min_side)
+                return img.reduce(factor) if factor > 1 else img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImageError(f"{path}: {type(err).__name__}: {err}") from None
+
+
+def reduction_for(size: tuple[int, int], min_side: int) -> int:
+    """The largest power of two that divides ``size`` (width, height) into an image whose short
+    side is still at least ``min_side`` pixels (1 where ``min_side`` is 0)."""
+    factor = 1
+    while min_side > 0 and min(size) // (2 * factor) >= min_side:
+        factor *= 2
+    return factor
+
+
+def _decode_reduced(img: Image.Image, factor: int) -> None:
+    """Ask the JPEG decoder of the not yet loaded ``img`` for ``1 / factor`` of its size (1, 2, 4 or 8)."""
+    if factor > 1:  # Pillow takes the largest of 8, 4, 2 that fits the request: for this one, ``factor``
+        img.draft(img.mode, (img.width // factor, img.height // factor))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

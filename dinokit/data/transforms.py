@@ -25,6 +25,15 @@ def _config(cfg: TrainConfig | None, changes: dict) -> TrainConfig:
     return TrainConfig.build((cfg or TrainConfig()).to_dict(), changes)
 
 
+def crop_source_side(size: int, scale: tuple[float, float], ratio: tuple[float, float]) -> int:
+    """The short side (pixels) an image needs so that no crop of ``RandomResizedCrop(size,
+    scale, ratio)`` is enlarged: the crop's short side, ``sqrt(area_share * w * h * min(r, 1/r))``,
+    is at least ``size`` for the smallest share and the most elongated ratio when the image's
+    short side is at least ``size * sqrt(max(ratio[1], 1 / ratio[0]) / scale[0])``."""
+    elongation = max(ratio[1], 1 / ratio[0])
+    return math.ceil(size * math.sqrt(elongation / scale[0]))
+
+
 def blur_kernel_size(sigma_max: float, crop_size: int) -> int:
     """An odd kernel covering +-3 sigma, no larger than the crop."""
     k = 2 * math.ceil(3 * sigma_max) + 1
@@ -46,6 +55,11 @@ class MultiCropAugmentation:
         g2 = self._view(cfg, cfg.global_crops_size, cfg.global_crops_scale, cfg.blur_prob[1], cfg.solarize_prob[1])
         local = self._view(cfg, cfg.local_crops_size, cfg.local_crops_scale, cfg.blur_prob[2], cfg.solarize_prob[2])
         self.view_transforms = [g1, g2] + [local] * cfg.local_crops_number
+        #: the short side (pixels) a source image needs for the views (``load_rgb``'s ``min_side``)
+        sides = [crop_source_side(cfg.global_crops_size, cfg.global_crops_scale, cfg.crop_ratio)]
+        if cfg.local_crops_number:
+            sides.append(crop_source_side(cfg.local_crops_size, cfg.local_crops_scale, cfg.crop_ratio))
+        self.min_source_side = max(sides)
 
     @staticmethod
     def _view(cfg: TrainConfig, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:
@@ -71,11 +85,16 @@ class MultiCropAugmentation:
         return [t(image) for t in self.view_transforms]
 
 
+def eval_resize_side(crop_size: int = 224) -> int:
+    """The short side (pixels) the evaluation transform resizes an image to: ``crop_size * 256 / 224``."""
+    return int(round(crop_size * 256 / 224))
+
+
 def eval_transform(crop_size: int = 224, mean=TrainConfig.model_fields["mean"].default,
                    std=TrainConfig.model_fields["std"].default) -> v2.Compose:
-    """Resize the short side to ``crop_size * 256 / 224``, centre-crop ``crop_size``, normalise."""
+    """Resize the short side to ``eval_resize_side(crop_size)``, centre-crop ``crop_size``, normalise."""
     return v2.Compose([
-        v2.Resize(int(round(crop_size * 256 / 224)), interpolation=BICUBIC, antialias=True),
+        v2.Resize(eval_resize_side(crop_size), interpolation=BICUBIC, antialias=True),
         v2.CenterCrop(crop_size),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain
 from dinokit.data.folders import DataError, ImageList
-from dinokit.data.transforms import eval_transform
+from dinokit.data.transforms import eval_resize_side, eval_transform
 from dinokit.hub.load import LATEST, open_backbone, open_untrained
 from dinokit.models.backbones import is_vit
 
@@ -72,7 +72,7 @@ def extract_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor
         return Features.load(cache)
     device = torch.device(device)
     kwargs = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
-    dataset = ImageDataset(images, eval_transform(crop_size, **kwargs))
+    dataset = ImageDataset(images, eval_transform(crop_size, **kwargs), min_side=eval_resize_side(crop_size))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_views,
                         pin_memory=device.type == "cuda", worker_init_fn=StopSignalsToMain())
     was_training = getattr(backbone, "training", False)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain
 from dinokit.data.folders import ImageList
-from dinokit.data.transforms import BICUBIC
+from dinokit.data.transforms import BICUBIC, crop_source_side
 from dinokit.eval.features import Features, cached_features, check_label_sets, relabel
 from dinokit.models.backbones import is_vit
 
@@ -63,10 +63,14 @@ class ProbeFeatures(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
+PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, as the official probe
+PROBE_CROP_RATIO = (3 / 4, 4 / 3)
+
+
 def probe_train_transform(crop_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     """The probe's training augmentation: random-resized-crop (scale 0.08-1, bicubic) and flip."""
     return v2.Compose([
-        v2.RandomResizedCrop(crop_size, interpolation=BICUBIC, antialias=True),
+        v2.RandomResizedCrop(crop_size, PROBE_CROP_SCALE, PROBE_CROP_RATIO, interpolation=BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
@@ -176,7 +180,8 @@ def linear_probe(backbone: nn.Module, train_images: ImageList, test_images: Imag
     train = None if augment else cached_features(features, train_images, desc="probe train features", **common)
     train_batches = None
     if augment:
-        dataset = ImageDataset(train_images, probe_train_transform(crop_size, mean, std), seed=seed)
+        dataset = ImageDataset(train_images, probe_train_transform(crop_size, mean, std), seed=seed,
+                               min_side=crop_source_side(crop_size, PROBE_CROP_SCALE, PROBE_CROP_RATIO))
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
         @torch.no_grad()

@@ -251,7 +251,8 @@ def pipeline_loader(cfg: TrainConfig, workers: int, device: torch.device, transf
     images = scan_folder(resolve_data(cfg.data))
     if len(images) < cfg.batch_size:
         raise DataError(f"batch_size {cfg.batch_size} is larger than the {len(images)} images of {images.root}")
-    dataset = ImageDataset(images, transform or view_pipeline(cfg)[0], seed=cfg.seed)
+    transform = transform or view_pipeline(cfg)[0]
+    dataset = ImageDataset(images, transform, seed=cfg.seed, min_side=transform.min_source_side)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
                                              generator=torch.Generator().manual_seed(cfg.seed))
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,

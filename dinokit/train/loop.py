@@ -361,7 +361,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     sampler = TrainingSampler(len(train_images), cfg.batch_size, schedules.total_steps, cfg.seed, env.rank,
                               env.world_size, start_step=state.step)
     transform, finish_views = view_pipeline(cfg)  # on the host, or decode there and crop on the device
-    dataset = ImageDataset(train_images, transform, seed=cfg.seed)
+    dataset = ImageDataset(train_images, transform, seed=cfg.seed, min_side=transform.min_source_side)
     workers = _num_workers(cfg, device)
     loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
                         collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=False,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinokit.data.folders import BadImageError, DataError, load_rgb, scan_folder, split_train_val
+from dinokit.data.folders import BadImageError, DataError, load_rgb, reduction_for, scan_folder, split_train_val
 
 
 def _img(path, mode="RGB", size=(8, 8)):
@@ -72,6 +72,60 @@ def test_exif_rotation_is_applied(tmp_path):
     assert load_rgb(tmp_path / "r.jpg").size == (3, 6)
 
 
+def _photo(path, size, **save):
+    """A smooth colour picture (a JPEG compresses it as it would a photo) of ``size`` (w, h)."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h)], axis=-1).astype(np.uint8)
+    Image.fromarray(arr).save(path, **save)
+    return arr
+
+
+def test_reduction_keeps_the_short_side_at_least_min_side():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        size = tuple(int(v) for v in rng.integers(1, 30_000, size=2))
+        min_side = int(rng.integers(1, 600))
+        factor = reduction_for(size, min_side)
+        assert factor & (factor - 1) == 0  # a power of two
+        assert factor == 1 or min(size) // factor >= min_side
+        assert min(size) // (2 * factor) < min_side  # and the largest that keeps it
+    assert reduction_for((4032, 3024), 496) == 4 and reduction_for((500, 375), 496) == 1
+    assert reduction_for((4032, 3024), 0) == 1
+
+
+@pytest.mark.parametrize("size, min_side, decoded", [
+    ((1600, 1200), 300, (400, 300)),    # 1/4: 300 px is still enough
+    ((1600, 1200), 301, (800, 600)),    # 1/4 would be 300 px: 1/2
+    ((1600, 1200), 700, (1600, 1200)),  # full size
+    ((1000, 3000), 100, (125, 375)),    # 1/8, portrait
+    ((1001, 1003), 250, (251, 251)),    # 1/4, rounded up
+    ((3000, 2000), 100, (188, 125)),    # 1/16: 1/8 while decoding, then 1/2
+])
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_large_images_are_reduced_to_what_is_needed(tmp_path, size, min_side, decoded, suffix):
+    arr = _photo(tmp_path / f"p{suffix}", size, quality=95)
+    image = load_rgb(tmp_path / f"p{suffix}", min_side)
+    assert image.size == decoded and image.mode == "RGB" and min(image.size) >= min_side
+    full = Image.fromarray(arr).resize(decoded, Image.Resampling.BOX)
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(full, dtype=int)).mean() < 3  # the same picture
+
+
+def test_reduced_images_keep_their_exif_rotation_and_colours(tmp_path):
+    img = Image.new("RGB", (800, 400))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert load_rgb(tmp_path / "r.jpg", 100).size == (100, 200)
+    assert load_rgb(tmp_path / "r.jpg").size == (400, 800)
+    Image.new("CMYK", (800, 600), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red
+    cmyk = load_rgb(tmp_path / "cmyk.jpg", 100)
+    assert cmyk.mode == "RGB" and cmyk.size == (200, 150) and cmyk.getpixel((100, 75))[0] > 200
+    Image.new("I;16", (800, 600), 65535).save(tmp_path / "grey16.tif")
+    grey = load_rgb(tmp_path / "grey16.tif", 100)
+    assert grey.size == (200, 150) and np.asarray(grey).min() == 255
+
+
 @pytest.mark.parametrize("content", [b"", b"this is not a jpeg", None])
 def test_unreadable_files_raise_bad_image(tmp_path, content):
     path = tmp_path / "bad.jpg"
@@ -80,5 +134,6 @@ def test_unreadable_files_raise_bad_image(tmp_path, content):
         path.write_bytes(path.read_bytes()[:100])
     else:
         path.write_bytes(content)
-    with pytest.raises(BadImageError, match="bad.jpg"):
-        load_rgb(path)
+    for min_side in (0, 8):
+        with pytest.raises(BadImageError, match="bad.jpg"):
+            load_rgb(path, min_side)

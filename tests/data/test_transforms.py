@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from dinokit.config import TrainConfig
-from dinokit.data.transforms import MultiCropAugmentation, eval_transform
+from dinokit.data.transforms import MultiCropAugmentation, crop_source_side, eval_resize_side, eval_transform
 
 DRAWS = 400
 TOL = 0.07  # > 3 binomial standard deviations for 400 draws
@@ -94,6 +95,25 @@ def test_crop_scales_follow_the_config():
     rates = _rates(aug, Image.fromarray(img), lambda v: v.min() > 0.9)
     assert rates[0] == rates[1] == 0
     assert rates[2] > 0.1
+
+
+@pytest.mark.parametrize("aspect", [1.0, 4 / 3, 3.0])
+@pytest.mark.parametrize("size, scale", [(224, (0.4, 1.0)), (96, (0.05, 0.4))])
+def test_no_crop_is_enlarged_from_an_image_of_the_crop_source_side(size, scale, aspect):
+    ratio = (3 / 4, 4 / 3)
+    short = crop_source_side(size, scale, ratio)
+    image = Image.new("RGB", (round(short * aspect), short))
+    torch.manual_seed(0)
+    smallest = min(min(v2.RandomResizedCrop.get_params(image, list(scale), list(ratio))[2:]) for _ in range(3000))
+    assert smallest >= size - 1  # the crop's sides are rounded to whole pixels
+    if aspect == 1.0:  # and the side is no larger than needed: the smallest possible crop is just the size
+        assert size ** 2 * 4 / 3 / scale[0] <= short ** 2 < (size + 1) ** 2 * 4 / 3 / scale[0]
+
+
+def test_the_views_and_the_evaluation_say_the_source_side_they_need():
+    assert MultiCropAugmentation(TrainConfig()).min_source_side == 496  # the 96 px local views at 5%
+    assert MultiCropAugmentation(local_crops_number=0, global_crops_size=224).min_source_side == 409
+    assert eval_resize_side(224) == 256
 
 
 def test_eval_transform_resizes_then_centre_crops():

@@ -52,6 +52,18 @@ def test_first_epoch_keeps_last_layer_frozen(textures_dir, tmp_path):
     assert torch.equal(initial, trained)
 
 
+def test_training_decodes_images_at_the_size_its_views_need(textures_dir, tmp_path, monkeypatch):
+    from dinokit.data import datasets
+    from dinokit.data.transforms import MultiCropAugmentation
+
+    asked = set()
+    load_rgb = datasets.load_rgb
+    monkeypatch.setattr(datasets, "load_rgb", lambda path, min_side=0: asked.add(min_side) or load_rgb(path, min_side))
+    cfg = tiny_config(textures_dir, tmp_path / "run", epochs=1)
+    train(cfg)
+    assert asked == {MultiCropAugmentation(cfg).min_source_side} and 0 not in asked
+
+
 @pytest.mark.parametrize(("amx", "precision", "hinted"), [(True, "auto", True), (True, "fp32", False),
                                                         (False, "auto", False)])
 def test_a_cpu_with_amx_gets_a_hint_about_bf16(textures_dir, tmp_path, monkeypatch, capsys, amx, precision, hinted):

@@ -1,0 +1,28 @@
+"""ImageDataset decodes each image at the size its transform needs."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinokit.config import TrainConfig
+from dinokit.data.datasets import ImageDataset
+from dinokit.data.device_views import view_pipeline
+from dinokit.data.folders import scan_folder
+
+
+def test_a_large_image_is_loaded_at_the_size_its_transform_needs(tmp_path):
+    arr = (np.random.default_rng(0).random((1200, 1600, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "photo.jpg")
+    Image.fromarray(arr).save(tmp_path / "photo.png")
+    images = scan_folder(tmp_path)
+    sizes = [ImageDataset(images, lambda image: image.size, min_side=300)[i][0] for i in range(2)]
+    assert sizes == [(400, 300), (400, 300)]  # the JPEG decoded at 1/4, the PNG reduced after
+    assert ImageDataset(images, lambda image: image.size)[0][0] == (1600, 1200)
+
+
+@pytest.mark.parametrize(("views_on", "needed"), [("host", 496), ("device", 448)])
+def test_the_training_views_say_how_large_a_source_they_need(views_on, needed):
+    """The recipe's 96 px local views at 5% of the image need a 496 px short side; views made
+    on the device need the canvas (2 x 224 px), to which larger images are shrunk anyway."""
+    transform, _ = view_pipeline(TrainConfig.build({"views_on": views_on}))
+    assert transform.min_source_side == needed
