@@ -53,13 +53,14 @@ def _setup(source: Path, checkpoint: str, which: str, device: str, trust: bool, 
     return loaded, paths
 
 
-def _load_images(paths: list[Path], root: Path) -> Iterator[tuple[Path, "Image.Image"]]:
-    """``(path relative to root, PIL image)`` for each readable file; unreadable ones are reported."""
+def _load_images(paths: list[Path], root: Path, image_size: int) -> Iterator[tuple[Path, "Image.Image"]]:
+    """``(path relative to root, PIL image)`` for each readable file; unreadable ones are reported.
+    Images whose short side is twice ``image_size`` or more are reduced towards it (``load_rgb``)."""
     from dinokit.data.folders import BadImageError, load_rgb
 
     for path in paths:
         try:
-            yield (path.relative_to(root) if path != root else Path(path.name)), load_rgb(path)
+            yield (path.relative_to(root) if path != root else Path(path.name)), load_rgb(path, image_size)
         except BadImageError as err:
             click.echo(f"warning: skipped {err}", err=True)
 
@@ -81,7 +82,7 @@ def attention(source: Path, checkpoint: str, out: Path, image_size: int, fit: st
     loaded, paths = _setup(source, checkpoint, which, device, trust_checkpoint, "attention maps")
     root = source if source.is_dir() else source.parent
     count = 0
-    for name, maps in attention_maps(loaded.model, _load_images(paths, root), threshold, image_size or None, fit,
+    for name, maps in attention_maps(loaded.model, _load_images(paths, root, image_size), threshold, image_size or None, fit,
                                      loaded.mean, loaded.std, batch_size):
         grid = save_attention(maps, out / name.with_suffix(""))
         count += 1
@@ -106,7 +107,7 @@ def pca(source: Path, checkpoint: str, out: Path, image_size: int, fit: str, whi
 
     loaded, paths = _setup(source, checkpoint, which, device, trust_checkpoint, "patch-feature maps")
     root = source if source.is_dir() else source.parent
-    results = list(patch_features(loaded.model, _load_images(paths, root), image_size or None, fit, loaded.mean,
+    results = list(patch_features(loaded.model, _load_images(paths, root, image_size), image_size or None, fit, loaded.mean,
                                   loaded.std, batch_size))
     if not results:
         raise UserError(f"none of the images under {source} could be read")

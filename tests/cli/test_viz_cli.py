@@ -60,6 +60,18 @@ def test_attention_resizes_the_shorter_side(official_weights, photos, tmp_path):
     assert Image.open(tmp_path / "a" / "wide" / "image.png").size == (48, 32)  # 56x40 -> 44x32 -> padded 48x32
 
 
+def test_a_large_photo_is_reduced_towards_the_image_size_as_it_loads(official_weights, tmp_path, monkeypatch):
+    from dinokit.data import folders
+
+    asked, load_rgb = [], folders.load_rgb
+    monkeypatch.setattr(folders, "load_rgb", lambda path, min_side=0: asked.append(min_side) or load_rgb(path, min_side))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 560, 3), dtype=np.uint8)).save(tmp_path / "big.jpg")
+    result = run("attention", tmp_path / "big.jpg", "--checkpoint", official_weights, "--out", tmp_path / "a",
+                 "--image-size", 32, "--fit", "pad")
+    assert result.exit_code == 0, result.output
+    assert asked == [32] and Image.open(tmp_path / "a" / "big" / "image.png").size == (48, 32)
+
+
 def test_attention_of_an_untrained_network_for_comparison(photos, tmp_path):
     result = run("attention", photos / "wide.png", "--checkpoint", "random:vit_tiny/8", "--out", tmp_path / "a",
                  "--image-size", 32)
