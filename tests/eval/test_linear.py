@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from dinokit.config import ConfigError
+from dinokit.data import datasets
 from dinokit.data.folders import ImageList, scan_folder, split_train_val
 from dinokit.eval.features import Features
 from dinokit.eval.linear import ProbeFeatures, linear_probe, train_linear
@@ -53,7 +54,9 @@ def test_vit_probe_features_are_the_last_blocks_cls_tokens():
 
 
 @pytest.mark.parametrize("augment", [False, True])
-def test_linear_probe_on_image_folders(tmp_path, augment):
+def test_linear_probe_on_image_folders(tmp_path, augment, monkeypatch):
+    asked, load_rgb = set(), datasets.load_rgb  # the short sides the loading is asked to keep
+    monkeypatch.setattr(datasets, "load_rgb", lambda path, min_side=0: asked.add(min_side) or load_rgb(path, min_side))
     train = scan_folder(make_folder(tmp_path / "train", COLOURS, per_class=4))
     test = scan_folder(make_folder(tmp_path / "test", ["red", "blue"], per_class=2))
     result = linear_probe(nn.Flatten(), train, test, epochs=5, lr=1.0, batch_size=4, augment=augment, crop_size=16,
@@ -61,6 +64,8 @@ def test_linear_probe_on_image_folders(tmp_path, augment):
     assert result.augment == augment and result.feature_dim == 3 * 16 * 16
     assert result.last_top1 == 100.0  # solid colours: crops and flips change nothing that matters
     assert len(list((tmp_path / "cache").glob("*.pt"))) == (1 if augment else 2)
+    # evaluation resizes the short side to 18 px; the probe's crops at 8% of the image need 66
+    assert asked == ({18, 66} if augment else {18})
 
 
 def cifar_subset(per_class: int) -> ImageList:
