@@ -11,8 +11,9 @@ the recipe's probabilities, exactly as ``MultiCropAugmentation`` draws them: a v
 only on (seed, epoch, image), not on the worker, the number of processes or a resume. What
 differs from the host path, by design: the crop is resampled with ``roi_align`` (bilinear,
 averaging several samples per output pixel when it shrinks, which antialiases) instead of PIL's
-bicubic filter, colour operations run in float instead of in 8-bit steps, and an image larger
-than the canvas is shrunk once before cropping. ``tests/data/test_device_views.py`` checks both
+bicubic filter, colour operations run in float instead of in 8-bit steps, the blur is a Gaussian
+kernel truncated at 3 sigma (PIL's filter, on the host, approximates the Gaussian by box blurs),
+and an image larger than the canvas is shrunk once before cropping. ``tests/data/test_device_views.py`` checks both
 the parameter distributions and the applied transforms against the host path.
 
 Shapes: a batch of canvases ``B x 3 x C x C`` (uint8) and parameters ``B x V x NUM_PARAMS``
@@ -30,7 +31,7 @@ from torchvision import transforms as T
 from torchvision.ops import roi_align
 
 from dinokit.config import TrainConfig
-from dinokit.data.transforms import MultiCropAugmentation, blur_kernel_size
+from dinokit.data.transforms import MultiCropAugmentation
 
 # One row of parameters per view; the names say what each column holds.
 PARAM_NAMES = ("top", "left", "height", "width", "flip", "jitter", "order_0", "order_1", "order_2", "order_3",
@@ -210,6 +211,13 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 _JITTER = {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
            "hue": adjust_hue}
+
+
+def blur_kernel_size(sigma_max: float, crop_size: int) -> int:
+    """An odd kernel covering +-3 sigma, no larger than the crop."""
+    k = 2 * math.ceil(3 * sigma_max) + 1
+    largest_odd = crop_size if crop_size % 2 else crop_size - 1
+    return max(3, min(k, largest_odd))
 
 
 def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:

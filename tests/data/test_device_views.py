@@ -11,10 +11,10 @@ from torchvision.transforms.v2 import functional as TF
 from dinokit.config import TrainConfig
 from dinokit.data import device_views
 from dinokit.data.datasets import ImageDataset, collate_views
-from dinokit.data.device_views import (NUM_PARAMS, P, DeviceMultiCrop, ViewParameters, adjust_hue, crop_and_resize,
-                                       gaussian_blur)
+from dinokit.data.device_views import (NUM_PARAMS, P, DeviceMultiCrop, ViewParameters, adjust_hue, blur_kernel_size,
+                                       crop_and_resize, gaussian_blur)
 from dinokit.data.folders import scan_folder
-from dinokit.data.transforms import MultiCropAugmentation, blur_kernel_size
+from dinokit.data.transforms import MultiCropAugmentation
 
 CFG = TrainConfig.build({"global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 3, "patch_size": 8,
                          "views_on": "device"})

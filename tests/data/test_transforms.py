@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
 from dinokit.config import TrainConfig
-from dinokit.data.transforms import MultiCropAugmentation, crop_source_side, eval_resize_side, eval_transform
+from dinokit.data.transforms import (MultiCropAugmentation, RandomGaussianBlur, crop_source_side, eval_resize_side,
+                                     eval_transform)
 
 DRAWS = 400
 TOL = 0.07  # > 3 binomial standard deviations for 400 draws
@@ -67,6 +68,22 @@ def test_blur_probabilities_per_view():
     assert rates[0] == 1.0
     assert abs(rates[1] - 0.1) < TOL
     assert all(abs(r - 0.5) < TOL for r in rates[2:])
+
+
+def test_blur_is_pils_gaussian_filter_with_sigma_uniform_from_torch():
+    """The official DINO code's blur (PIL, radius = sigma); close to an exact Gaussian of that sigma."""
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    image = Image.fromarray((np.stack([np.sin(6 * xx + c) * np.cos(5 * yy) for c in range(3)], -1) * 120 + 128)
+                            .astype(np.uint8))
+    blur = RandomGaussianBlur((0.1, 2.0))
+    torch.manual_seed(0)
+    sigmas = torch.empty(20).uniform_(0.1, 2.0)  # what the blur draws, one per call
+    torch.manual_seed(0)
+    for sigma in sigmas.tolist():
+        out = blur(image)
+        assert np.array_equal(np.asarray(out), np.asarray(image.filter(ImageFilter.GaussianBlur(sigma))))
+        exact = v2.functional.gaussian_blur(image, [13, 13], [sigma, sigma])
+        assert np.abs(np.asarray(out, dtype=float) - np.asarray(exact, dtype=float))[8:-8, 8:-8].mean() < 1.0
 
 
 def test_flip_grayscale_and_colour_jitter_rates():
