@@ -31,7 +31,7 @@ from torchvision import transforms as T
 from torchvision.ops import roi_align
 
 from dinokit.config import TrainConfig
-from dinokit.data.transforms import MultiCropAugmentation
+from dinokit.data.transforms import MultiCropAugmentation, NormalizeUint8
 
 # One row of parameters per view; the names say what each column holds.
 PARAM_NAMES = ("top", "left", "height", "width", "flip", "jitter", "order_0", "order_1", "order_2", "order_3",
@@ -244,10 +244,11 @@ def view_pipeline(cfg: TrainConfig):
 
     ``transform`` runs in the data loader on each PIL image; ``finish`` runs on the training
     device on the collated batch (a list of tensors already moved there) and returns the views.
-    ``host``: ``MultiCropAugmentation`` and a ``finish`` that returns the views as they are;
-    ``device``: ``ViewParameters`` and ``DeviceMultiCrop``.
+    ``host``: ``MultiCropAugmentation`` making 8-bit views and a ``finish`` that normalises them
+    into float32 (``NormalizeUint8``); ``device``: ``ViewParameters`` and ``DeviceMultiCrop``.
     """
     if cfg.views_on == "device":
         make = DeviceMultiCrop(cfg)
         return ViewParameters(cfg), lambda tensors: make(*tensors)
-    return MultiCropAugmentation(cfg), lambda tensors: tensors
+    normalize = NormalizeUint8(cfg.mean, cfg.std)
+    return MultiCropAugmentation(cfg, as_uint8=True), lambda tensors: [normalize(t) for t in tensors]

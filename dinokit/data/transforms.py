@@ -4,7 +4,9 @@
 tensors: two global views (``3 x G x G``) and the local views (``3 x L x L``), each with the
 recipe's random resized crop, flip, colour jitter, grayscale, blur and solarisation at that
 view's probabilities. All randomness comes from torch's global generator, so seeding it before
-a call fixes the views (the training dataset does that per image).
+a call fixes the views (the training dataset does that per image). With ``as_uint8`` the views
+stay 8-bit and ``NormalizeUint8`` makes them float where they are used: the training loader
+sends a quarter of the bytes through shared memory, pinned memory and the copy to the GPU.
 """
 
 from __future__ import annotations
@@ -50,19 +52,35 @@ class RandomGaussianBlur(torch.nn.Module):
         return image.filter(ImageFilter.GaussianBlur(sigma))
 
 
+class NormalizeUint8:
+    """8-bit images (``uint8``, ``3 x H x W`` or ``B x 3 x H x W``) -> float32 scaled to [0, 1],
+    then ``(x - mean) / std`` per channel; computed on the images' device."""
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)  # moved to the images' device on first use
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return images.to(torch.float32).mul_(1 / 255).sub_(self.mean).div_(self.std)
+
+
 class MultiCropAugmentation:
-    """PIL image -> list of views ``[global_1, global_2, local_1, ..., local_N]`` (float tensors).
+    """PIL image -> list of views ``[global_1, global_2, local_1, ..., local_N]``: normalised
+    float32 tensors, or with ``as_uint8`` the same views before ``NormalizeUint8(cfg.mean, cfg.std)``.
 
     Build with a config (``MultiCropAugmentation(cfg)``) or with the recipe's defaults changed
     by keyword (``MultiCropAugmentation(local_crops_number=10, global_crops_size=32)``).
     """
 
-    def __init__(self, cfg: TrainConfig | None = None, **changes) -> None:
+    def __init__(self, cfg: TrainConfig | None = None, as_uint8: bool = False, **changes) -> None:
         cfg = _config(cfg, changes)
         self.cfg = cfg
-        g1 = self._view(cfg, cfg.global_crops_size, cfg.global_crops_scale, cfg.blur_prob[0], cfg.solarize_prob[0])
-        g2 = self._view(cfg, cfg.global_crops_size, cfg.global_crops_scale, cfg.blur_prob[1], cfg.solarize_prob[1])
-        local = self._view(cfg, cfg.local_crops_size, cfg.local_crops_scale, cfg.blur_prob[2], cfg.solarize_prob[2])
+        finish = [] if as_uint8 else [NormalizeUint8(cfg.mean, cfg.std)]
+        g1 = self._view(cfg, cfg.global_crops_size, cfg.global_crops_scale, cfg.blur_prob[0], cfg.solarize_prob[0], finish)
+        g2 = self._view(cfg, cfg.global_crops_size, cfg.global_crops_scale, cfg.blur_prob[1], cfg.solarize_prob[1], finish)
+        local = self._view(cfg, cfg.local_crops_size, cfg.local_crops_scale, cfg.blur_prob[2], cfg.solarize_prob[2], finish)
         self.view_transforms = [g1, g2] + [local] * cfg.local_crops_number
         #: the short side (pixels) a source image needs for the views (``load_rgb``'s ``min_side``)
         sides = [crop_source_side(cfg.global_crops_size, cfg.global_crops_scale, cfg.crop_ratio)]
@@ -71,7 +89,8 @@ class MultiCropAugmentation:
         self.min_source_side = max(sides)
 
     @staticmethod
-    def _view(cfg: TrainConfig, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:
+    def _view(cfg: TrainConfig, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
+              finish: list) -> v2.Compose:
         steps = [
             v2.RandomResizedCrop(size, scale=scale, ratio=cfg.crop_ratio, interpolation=BICUBIC, antialias=True),
             v2.RandomHorizontalFlip(cfg.flip_prob),
@@ -82,8 +101,7 @@ class MultiCropAugmentation:
             steps.append(v2.RandomApply([RandomGaussianBlur(cfg.blur_sigma)], p=blur_p))
         if solarize_p > 0:
             steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
-        return v2.Compose(steps)
+        return v2.Compose(steps + [v2.ToImage()] + finish)
 
     @property
     def num_views(self) -> int:

@@ -133,6 +133,25 @@ def test_the_views_and_the_evaluation_say_the_source_side_they_need():
     assert eval_resize_side(224) == 256
 
 
+def test_the_training_loader_sends_8_bit_views_normalised_where_they_are_used():
+    """The host pipeline's two halves (``view_pipeline``) give the float views of
+    ``MultiCropAugmentation`` exactly, with a quarter of the bytes in between."""
+    from dinokit.data.device_views import view_pipeline
+
+    cfg = TrainConfig.build({**QUIET, "color_jitter_prob": 0.8, "blur_prob": (1.0, 0.1, 0.5), "mean": (0.4, 0.5, 0.6),
+                             "std": (0.2, 0.25, 0.3), "global_crops_scale": (0.4, 1.0), "flip_prob": 0.5})
+    image = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8))
+    to_host, finish = view_pipeline(cfg)
+    torch.manual_seed(1)
+    small = to_host(image)
+    torch.manual_seed(1)
+    expected = MultiCropAugmentation(cfg)(image)
+    assert all(v.dtype == torch.uint8 for v in small)
+    assert sum(v.nbytes for v in small) * 4 == sum(v.nbytes for v in expected)
+    batched = finish([torch.stack([v, v]) for v in small])
+    assert all(torch.equal(b[1], e) for b, e in zip(batched, expected))
+
+
 def test_eval_transform_resizes_then_centre_crops():
     t = eval_transform(32, mean=(0, 0, 0), std=(1, 1, 1))
     out = t(Image.new("RGB", (100, 50), (255, 0, 0)))
