@@ -82,8 +82,9 @@ def attention(source: Path, checkpoint: str, out: Path, image_size: int, fit: st
     loaded, paths = _setup(source, checkpoint, which, device, trust_checkpoint, "attention maps")
     root = source if source.is_dir() else source.parent
     count = 0
-    for name, maps in attention_maps(loaded.model, _load_images(paths, root, image_size), threshold, image_size or None, fit,
-                                     loaded.mean, loaded.std, batch_size):
+    images = _load_images(paths, root, image_size)
+    for name, maps in attention_maps(loaded.model, images, threshold, image_size or None, fit, loaded.mean, loaded.std,
+                                     batch_size):
         grid = save_attention(maps, out / name.with_suffix(""))
         count += 1
         click.echo(f"{grid}  ({maps.shares.shape[1]}x{maps.shares.shape[2]} patches, {maps.num_heads} heads)")
@@ -107,8 +108,8 @@ def pca(source: Path, checkpoint: str, out: Path, image_size: int, fit: str, whi
 
     loaded, paths = _setup(source, checkpoint, which, device, trust_checkpoint, "patch-feature maps")
     root = source if source.is_dir() else source.parent
-    results = list(patch_features(loaded.model, _load_images(paths, root, image_size), image_size or None, fit, loaded.mean,
-                                  loaded.std, batch_size))
+    images = _load_images(paths, root, image_size)
+    results = list(patch_features(loaded.model, images, image_size or None, fit, loaded.mean, loaded.std, batch_size))
     if not results:
         raise UserError(f"none of the images under {source} could be read")
     colours = pca_rgb([features for _, _, features in results], background_threshold)

@@ -13,8 +13,9 @@ differs from the host path, by design: the crop is resampled with ``roi_align`` 
 averaging several samples per output pixel when it shrinks, which antialiases) instead of PIL's
 bicubic filter, colour operations run in float instead of in 8-bit steps, the blur is a Gaussian
 kernel truncated at 3 sigma (PIL's filter, on the host, approximates the Gaussian by box blurs),
-and an image larger than the canvas is shrunk once before cropping. ``tests/data/test_device_views.py`` checks both
-the parameter distributions and the applied transforms against the host path.
+and an image larger than the canvas is shrunk once before cropping.
+``tests/data/test_device_views.py`` checks both the parameter distributions and the applied
+transforms against the host path.
 
 Shapes: a batch of canvases ``B x 3 x C x C`` (uint8) and parameters ``B x V x NUM_PARAMS``
 (float32) become ``V`` views ``B x 3 x S_v x S_v`` (float32, normalised), global views first.

@@ -78,9 +78,7 @@ class MultiCropAugmentation:
         cfg = _config(cfg, changes)
         self.cfg = cfg
         finish = [] if as_uint8 else [NormalizeUint8(cfg.mean, cfg.std)]
-        g1 = self._view(cfg, cfg.global_crops_size, cfg.global_crops_scale, cfg.blur_prob[0], cfg.solarize_prob[0], finish)
-        g2 = self._view(cfg, cfg.global_crops_size, cfg.global_crops_scale, cfg.blur_prob[1], cfg.solarize_prob[1], finish)
-        local = self._view(cfg, cfg.local_crops_size, cfg.local_crops_scale, cfg.blur_prob[2], cfg.solarize_prob[2], finish)
+        g1, g2, local = (self._view(cfg, kind, finish) for kind in range(3))
         self.view_transforms = [g1, g2] + [local] * cfg.local_crops_number
         #: the short side (pixels) a source image needs for the views (``load_rgb``'s ``min_side``)
         sides = [crop_source_side(cfg.global_crops_size, cfg.global_crops_scale, cfg.crop_ratio)]
@@ -89,8 +87,11 @@ class MultiCropAugmentation:
         self.min_source_side = max(sides)
 
     @staticmethod
-    def _view(cfg: TrainConfig, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
-              finish: list) -> v2.Compose:
+    def _view(cfg: TrainConfig, kind: int, finish: list) -> v2.Compose:
+        """The transform of one kind of view (0, 1: the global views; 2: the local ones), then ``finish``."""
+        size, scale = (cfg.global_crops_size, cfg.global_crops_scale) if kind < 2 else (cfg.local_crops_size,
+                                                                                        cfg.local_crops_scale)
+        blur_p, solarize_p = cfg.blur_prob[kind], cfg.solarize_prob[kind]
         steps = [
             v2.RandomResizedCrop(size, scale=scale, ratio=cfg.crop_ratio, interpolation=BICUBIC, antialias=True),
             v2.RandomHorizontalFlip(cfg.flip_prob),
@@ -123,6 +124,5 @@ def eval_transform(crop_size: int = 224, mean=TrainConfig.model_fields["mean"].d
         v2.Resize(eval_resize_side(crop_size), interpolation=BICUBIC, antialias=True),
         v2.CenterCrop(crop_size),
         v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
+        NormalizeUint8(mean, std),
     ])
