@@ -60,11 +60,12 @@ def shard(student: nn.Module, teacher: nn.Module, device: torch.device) -> None:
     """Shard both networks in place over all processes, with the same layout. The optimizer
     must be built afterwards (the parameters are replaced by sharded ones)."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for model, root_reshard in ((student, None), (teacher, True)):
+    for model, root_reshard in ((student, False), (teacher, True)):
         for unit in shard_units(model):
             fully_shard(unit, mesh=mesh)
-        # The student's root stays gathered from forward to backward (FSDP's default); the
-        # teacher has no backward, so it reshards at once and its shards match the student's.
+        # The student's root stays gathered from forward to backward (what newer FSDP does for
+        # a root by default; torch 2.6 needs it said); the teacher has no backward, so it
+        # reshards at once and its shards match the student's.
         fully_shard(model, mesh=mesh, reshard_after_forward=root_reshard)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -15,9 +17,11 @@ from tests.hub.test_load import randomised  # noqa: E402
 def timm_vit(name: str, **kwargs) -> torch.nn.Module:
     """timm's ViT in DINO's configuration, spelled out: [CLS] token, no register tokens, [CLS]
     pooling after the final norm (no fc_norm), LayerNorm eps 1e-6, qkv bias, no layer scale."""
+    if "final_norm" in inspect.signature(timm.models.vision_transformer.VisionTransformer).parameters:
+        kwargs["final_norm"] = True  # a switch since timm 1.0; before, the final norm came with fc_norm=False
     model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="token", class_token=True,
                               reg_tokens=0, no_embed_class=False, qkv_bias=True, init_values=None, fc_norm=False,
-                              pre_norm=False, final_norm=True, dynamic_img_size=False, **kwargs)
+                              pre_norm=False, dynamic_img_size=False, **kwargs)
     assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
     return model.eval()
 
