@@ -161,13 +161,8 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: st
 
 def _official_args_allowed():
     """A context in which ``torch.load(weights_only=True)`` may rebuild the ``argparse.Namespace``
-    that official training checkpoints keep under ``args`` (torch >= 2.4; nothing else is allowed)."""
-    serialization = torch.serialization
-    if hasattr(serialization, "safe_globals"):  # torch >= 2.5
-        return serialization.safe_globals([argparse.Namespace])
-    if hasattr(serialization, "add_safe_globals"):  # torch 2.4
-        serialization.add_safe_globals([argparse.Namespace])
-    return contextlib.nullcontext()
+    that official training checkpoints keep under ``args`` (nothing else is allowed)."""
+    return torch.serialization.safe_globals([argparse.Namespace])
 
 
 def read_weights(path: Path, trust: bool = False) -> dict[str, Any]:

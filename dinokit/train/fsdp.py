@@ -35,6 +35,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from dinokit.config import ConfigError
+
 if TYPE_CHECKING:
     from dinokit.train.loop import DINOState
 
@@ -43,6 +45,19 @@ SHARDED = "checkpoint.dcp"
 
 def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
+
+
+#: The oldest PyTorch on which dinokit's FSDP runs are checked to train as one process does
+#: (``tests/train/test_distributed.py``): on a CPU, 2.6 and 2.7 fail in FSDP2's collectives and
+#: 2.8 drifts from the one-process losses after two steps; 2.11 (the GPU machine's) and later pass.
+FSDP_MIN_TORCH = "2.11"
+
+
+def require_tested_torch() -> None:
+    """Raise ``ConfigError`` for ``strategy=fsdp`` on a PyTorch older than ``FSDP_MIN_TORCH``."""
+    if torch.__version__ < FSDP_MIN_TORCH:
+        raise ConfigError(f"strategy=fsdp needs torch >= {FSDP_MIN_TORCH} (older FSDP2 fails or trains differently "
+                          f"from one process); this is torch {torch.__version__}: upgrade it, or use strategy=ddp")
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

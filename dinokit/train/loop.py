@@ -42,7 +42,7 @@ from dinokit.train.distributed import (DistEnv, any_process, check_agreement, cp
                                        mean_over_processes, processes_on_this_node, resolve_device, shutdown_distributed,
                                        sync_batch_norm)
 from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
-                                read_sharded_args, save_sharded, shard)
+                                read_sharded_args, require_tested_torch, save_sharded, shard)
 from dinokit.train.host_memory import use_memory_policy
 from dinokit.train.monitor import Monitor, StallWatch
 from dinokit.train.optim import build_optimizer, clip_gradients, set_hyperparameters, step_if_finite
@@ -326,6 +326,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     use_memory_policy(cfg.keep_freed_memory, device)
     state = build_state(cfg, device)
     ckpt_path = out / LATEST
+    if cfg.strategy == "fsdp":
+        require_tested_torch()
     sharded_path = latest_sharded(out / SHARDED) if cfg.strategy == "fsdp" else None
     resume_from = sharded_path or (ckpt_path if ckpt_path.exists() else None)
     check_agreement(env, {"config": cfg.to_dict(), "training images": fingerprint(train_images),

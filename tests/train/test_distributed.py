@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,10 +23,11 @@ import pytest
 import torch
 import yaml
 
-from dinokit.config import TrainConfig
+from dinokit.config import ConfigError, TrainConfig
 from dinokit.data.builtin import builtin_textures
 from dinokit.data.sampler import TrainingSampler
 from dinokit.train.distributed import DistEnv, describe_disagreement, first_host, launcher_env, processes_on_this_node
+from dinokit.train.fsdp import FSDP_MIN_TORCH, require_tested_torch
 from dinokit.train.loop import train
 from tests.conftest import tiny_config
 
@@ -141,6 +143,8 @@ def reference(setup) -> Path:
 
 @pytest.fixture(scope="module")
 def fsdp_run(setup) -> Path:
+    if torch.__version__ < FSDP_MIN_TORCH:
+        pytest.skip(f"strategy=fsdp needs torch >= {FSDP_MIN_TORCH}")
     out = setup["root"] / "fsdp"
     _assert_ok(_torchrun(setup, out, "keep_checkpoints=2", strategy="fsdp"))
     return out
@@ -258,6 +262,19 @@ def test_ddp_run_stopped_on_one_process_resumes_where_it_left_off(setup, referen
     assert sorted(_losses(out)) == [0, 1]
     _assert_ok(_torchrun(setup, out))
     _assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize(("version", "refused"), [("2.8.0", True), ("2.10.1+cu128", True), ("2.11.0+cu126", False),
+                                                 ("2.14.1", False)])
+def test_fsdp_is_refused_on_a_torch_it_is_not_tested_on(monkeypatch, version, refused):
+    from torch.torch_version import TorchVersion
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+    if refused:
+        with pytest.raises(ConfigError, match=r"strategy=fsdp needs torch >= 2\.11 .*this is torch " + re.escape(version)):
+            require_tested_torch()
+    else:
+        require_tested_torch()
 
 
 def test_fsdp_two_processes_equal_one_process(fsdp_run, reference):
