@@ -89,8 +89,9 @@ class MultiCropAugmentation:
     @staticmethod
     def _view(cfg: TrainConfig, kind: int, finish: list) -> v2.Compose:
         """The transform of one kind of view (0, 1: the global views; 2: the local ones), then ``finish``."""
-        size, scale = (cfg.global_crops_size, cfg.global_crops_scale) if kind < 2 else (cfg.local_crops_size,
-                                                                                        cfg.local_crops_scale)
+        local = kind == 2
+        size = cfg.local_crops_size if local else cfg.global_crops_size
+        scale = cfg.local_crops_scale if local else cfg.global_crops_scale
         blur_p, solarize_p = cfg.blur_prob[kind], cfg.solarize_prob[kind]
         steps = [
             v2.RandomResizedCrop(size, scale=scale, ratio=cfg.crop_ratio, interpolation=BICUBIC, antialias=True),
