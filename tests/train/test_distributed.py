@@ -264,14 +264,14 @@ def test_ddp_run_stopped_on_one_process_resumes_where_it_left_off(setup, referen
     _assert_same_run(out, reference)
 
 
-@pytest.mark.parametrize(("version", "refused"), [("2.8.0", True), ("2.10.1+cu128", True), ("2.11.0+cu126", False),
+@pytest.mark.parametrize(("version", "refused"), [("2.8.0", True), ("2.9.1+cu128", True), ("2.10.0+cu126", False),
                                                  ("2.14.1", False)])
 def test_fsdp_is_refused_on_a_torch_it_is_not_tested_on(monkeypatch, version, refused):
     from torch.torch_version import TorchVersion
 
     monkeypatch.setattr(torch, "__version__", TorchVersion(version))
     if refused:
-        with pytest.raises(ConfigError, match=r"strategy=fsdp needs torch >= 2\.11 .*this is torch " + re.escape(version)):
+        with pytest.raises(ConfigError, match=r"strategy=fsdp needs torch >= 2\.10 .*this is torch " + re.escape(version)):
             require_tested_torch()
     else:
         require_tested_torch()
