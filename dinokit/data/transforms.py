@@ -5,7 +5,7 @@ tensors: two global views (``3 x G x G``) and the local views (``3 x L x L``), e
 recipe's random resized crop, flip, colour jitter, grayscale, blur and solarisation at that
 view's probabilities. All randomness comes from torch's global generator, so seeding it before
 a call fixes the views (the training dataset does that per image). With ``as_uint8`` the views
-stay 8-bit and ``NormalizeUint8`` makes them float where they are used: the training loader
+stay 8-bit and ``NormalizeImages`` makes them float where they are used: the training loader
 sends a quarter of the bytes through shared memory, pinned memory and the copy to the GPU.
 """
 
@@ -52,9 +52,11 @@ class RandomGaussianBlur(torch.nn.Module):
         return image.filter(ImageFilter.GaussianBlur(sigma))
 
 
-class NormalizeUint8:
-    """8-bit images (``uint8``, ``3 x H x W`` or ``B x 3 x H x W``) -> float32 scaled to [0, 1],
-    then ``(x - mean) / std`` per channel; computed on the images' device."""
+class NormalizeImages:
+    """Images (``3 x H x W`` or ``B x 3 x H x W``) -> float32 ``(x - mean) / std`` per channel,
+    computed on the images' device: 8-bit ones (``uint8``, 0-255) scaled to [0, 1] first (in place
+    on the new float tensor, as torchvision's ``ToDtype`` + ``Normalize``), float ones taken as
+    in [0, 1] and left unchanged."""
 
     def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -63,12 +65,14 @@ class NormalizeUint8:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.mean.device != images.device:
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
-        return images.to(torch.float32).mul_(1 / 255).sub_(self.mean).div_(self.std)
+        if images.dtype == torch.uint8:
+            return images.to(torch.float32).mul_(1 / 255).sub_(self.mean).div_(self.std)
+        return (images - self.mean) / self.std
 
 
 class MultiCropAugmentation:
     """PIL image -> list of views ``[global_1, global_2, local_1, ..., local_N]``: normalised
-    float32 tensors, or with ``as_uint8`` the same views before ``NormalizeUint8(cfg.mean, cfg.std)``.
+    float32 tensors, or with ``as_uint8`` the same views before ``NormalizeImages(cfg.mean, cfg.std)``.
 
     Build with a config (``MultiCropAugmentation(cfg)``) or with the recipe's defaults changed
     by keyword (``MultiCropAugmentation(local_crops_number=10, global_crops_size=32)``).
@@ -77,7 +81,7 @@ class MultiCropAugmentation:
     def __init__(self, cfg: TrainConfig | None = None, as_uint8: bool = False, **changes) -> None:
         cfg = _config(cfg, changes)
         self.cfg = cfg
-        finish = [] if as_uint8 else [NormalizeUint8(cfg.mean, cfg.std)]
+        finish = [] if as_uint8 else [NormalizeImages(cfg.mean, cfg.std)]
         g1, g2, local = (self._view(cfg, kind, finish) for kind in range(3))
         self.view_transforms = [g1, g2] + [local] * cfg.local_crops_number
         #: the short side (pixels) a source image needs for the views (``load_rgb``'s ``min_side``)
@@ -125,5 +129,5 @@ def eval_transform(crop_size: int = 224, mean=TrainConfig.model_fields["mean"].d
         v2.Resize(eval_resize_side(crop_size), interpolation=BICUBIC, antialias=True),
         v2.CenterCrop(crop_size),
         v2.ToImage(),
-        NormalizeUint8(mean, std),
+        NormalizeImages(mean, std),
     ])

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain
 from dinokit.data.folders import ImageList
-from dinokit.data.transforms import BICUBIC, NormalizeUint8, crop_source_side
+from dinokit.data.transforms import BICUBIC, NormalizeImages, crop_source_side
 from dinokit.eval.features import Features, cached_features, check_label_sets, relabel
 from dinokit.models.backbones import is_vit
 
@@ -73,7 +73,7 @@ def probe_train_transform(crop_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET
         v2.RandomResizedCrop(crop_size, PROBE_CROP_SCALE, PROBE_CROP_RATIO, interpolation=BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToImage(),
-        NormalizeUint8(mean, std),
+        NormalizeImages(mean, std),
     ])
 
 

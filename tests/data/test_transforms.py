@@ -7,7 +7,7 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
 from dinokit.config import TrainConfig
-from dinokit.data.transforms import (MultiCropAugmentation, NormalizeUint8, RandomGaussianBlur, crop_source_side,
+from dinokit.data.transforms import (MultiCropAugmentation, NormalizeImages, RandomGaussianBlur, crop_source_side,
                                      eval_resize_side, eval_transform)
 
 DRAWS = 400
@@ -133,12 +133,15 @@ def test_the_views_and_the_evaluation_say_the_source_side_they_need():
     assert eval_resize_side(224) == 256
 
 
-def test_normalising_8_bit_images_is_torchvisions_arithmetic():
+def test_normalising_images_is_torchvisions_arithmetic():
     images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     reference = v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(images[0]))
-    normalize = NormalizeUint8(mean, std)
+    normalize = NormalizeImages(mean, std)
     assert torch.equal(normalize(images[0]), reference) and torch.equal(normalize(images)[0], reference)
+    floats = v2.ToDtype(torch.float32, scale=True)(images)  # views made on the device: floats in [0, 1]
+    kept = floats.clone()
+    assert torch.allclose(normalize(floats)[0], reference, atol=1e-6) and torch.equal(floats, kept)
 
 
 def test_the_training_loader_sends_8_bit_views_normalised_where_they_are_used():
