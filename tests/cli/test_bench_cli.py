@@ -127,6 +127,24 @@ def test_loss_ab_times_both_losses_on_the_same_logits(tmp_path):
         "hand-written": 2, "autograd": 2}
 
 
+def test_decode_ab_times_reduced_and_full_size_loading(tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.effect_noise((1200, 1000), 40 + i).convert("RGB").save(photos / f"{i}.jpg")
+    env = {**os.environ, "PYTHONPATH": str(PEERS.parents[1])}
+    proc = subprocess.run([sys.executable, str(PEERS.parent / "decode_ab.py"), str(photos), "--rounds", "1",
+                           "--results", str(tmp_path / "results")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "min_side  496 px" in proc.stdout and "min_side  256 px" in proc.stdout
+    run = json.loads(next((tmp_path / "results").glob("*.json")).read_text())["runs"][0]
+    assert run["kind"] == "decode_ab" and run["images"] == 2
+    assert set(run["images_per_s"]) == {"host views", "device canvas", "evaluation"}
+    assert all(rates["full"] > 0 and rates["reduced"] > 0 for rates in run["images_per_s"].values())
+
+
 def test_step_profile_splits_the_step_into_matmuls_and_other_ops(tmp_path):
     proc = _peers(tmp_path=tmp_path, script=PEERS.parent / "step_profile.py")
     assert proc.returncode == 0, proc.stderr
