@@ -40,8 +40,8 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="seeds weights, data order and every augmentation")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
-    num_workers: int | None = Field(None, ge=0, description="data loader processes; None: one per core of this "
-                                       "process's share of the node (at most 8; half of them on a CPU)")
+    num_workers: int | None = Field(None, ge=0, description="data loader processes; None: from this process's share of the "
+                                       "node's cores: all but one on a GPU (at most 32), half of them on a CPU")
     compile: Literal["off", "loss", "all"] = Field(
         "off", description="torch.compile: loss (seconds to compile), all: backbones, heads and loss (minutes on a CPU); "
                            "true means all")

@@ -58,7 +58,7 @@ def _source_options(fn):
         click.option("--patch-size", type=int, default=None, help="ViT patch size of a bare state dict"),
         click.option("--batch-size", type=int, default=256, show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps"),
-        click.option("--num-workers", type=int, default=None, help="image loading processes [default: 0 on CPU]"),
+        click.option("--num-workers", type=int, default=None, help="image loading processes [default: 0 on a CPU; on a GPU all cores of this process's share but one, at most 32]"),
         click.option("--weights", type=click.Path(), default=None, help="local copy of an official name's file"),
         click.option("--trust-checkpoint", is_flag=True, help="allow checkpoints holding arbitrary Python objects"),
     ]
@@ -123,9 +123,12 @@ def _processes(spec: str):
 
 
 def _workers(num_workers: int | None, device) -> int:
+    """``--num-workers``, or ``gpu_loader_workers()`` on a GPU; none on a CPU (the model needs the cores)."""
     if num_workers is not None:
         return num_workers
-    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    from dinokit.train.distributed import gpu_loader_workers
+
+    return gpu_loader_workers() if device.type == "cuda" else 0
 
 
 def _labelled_data(train_data: str, test_data: str | None, val_fraction: float | None, seed: int):

@@ -114,3 +114,11 @@ def collate_views(samples: list) -> Batch:
     labels = torch.tensor([s[1] for s in good], dtype=torch.long)
     indices = torch.tensor([s[2] for s in good], dtype=torch.long)
     return Batch(views, labels, indices, failed)
+
+
+def prefetch_factor(workers: int) -> int | None:
+    """``DataLoader``'s ``prefetch_factor`` (batches made ahead per loader process) for ``workers``
+    processes: 2 each, and at least 4 batches ahead in all; ``None`` without workers. Many workers
+    keep few batches each: 32 workers at 4 would hold 128 batches of shared memory (9 GiB of the
+    paper's 8-bit views at batch 128)."""
+    return max(2, -(-4 // workers)) if workers else None

@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dinokit.config import ConfigError, TrainConfig
-from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain
+from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain, prefetch_factor
 from dinokit.data.folders import DataError, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.data.device_views import view_pipeline
@@ -257,7 +257,7 @@ def pipeline_loader(cfg: TrainConfig, workers: int, device: torch.device, transf
                                              generator=torch.Generator().manual_seed(cfg.seed))
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers else None, drop_last=True, worker_init_fn=StopSignalsToMain())
+                      prefetch_factor=prefetch_factor(workers), drop_last=True, worker_init_fn=StopSignalsToMain())
 
 
 def measure_pipeline(cfg: TrainConfig, batches: int, workers: int = 0) -> float:

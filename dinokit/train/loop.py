@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dinokit.config import ConfigError, TrainConfig
-from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain, sample_seed
+from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain, prefetch_factor, sample_seed
 from dinokit.data.folders import DataError, ImageList, scan_folder, split_train_val
 from dinokit.data.public import resolve_data
 from dinokit.data.sampler import TrainingSampler
@@ -37,10 +37,10 @@ from dinokit.models.backbones import build_backbone
 from dinokit.models.head import DINOHead
 from dinokit.models.multicrop import MultiCropModel
 from dinokit.train.checkpoint import LATEST, load_checkpoint, save_checkpoint
-from dinokit.train.distributed import (DistEnv, any_process, check_agreement, cpu_has_amx, fingerprint,
-                                       init_distributed, leaders_first, sum_over_processes, lost_peer, lost_peer_error,
-                                       mean_over_processes, processes_on_this_node, resolve_device, shutdown_distributed,
-                                       sync_batch_norm)
+from dinokit.train.distributed import (DistEnv, any_process, check_agreement, cores_of_this_process, cpu_has_amx,
+                                       fingerprint, gpu_loader_workers, init_distributed, leaders_first,
+                                       sum_over_processes, lost_peer, lost_peer_error, mean_over_processes,
+                                       resolve_device, shutdown_distributed, sync_batch_norm)
 from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
                                 read_sharded_args, require_tested_torch, save_sharded, shard)
 from dinokit.train.host_memory import use_memory_policy
@@ -230,13 +230,11 @@ def _split_data(cfg: TrainConfig) -> tuple[ImageList, ImageList | None]:
 
 def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
     """Loader processes of this training process: ``cfg.num_workers``, or from its share of the
-    node's cores (the cores over the launcher's processes on this node): one per core on a GPU, at
-    most 8; half of them on a CPU, where the step needs the others."""
+    node's cores: ``gpu_loader_workers()`` on a GPU; half of them on a CPU, where the step needs
+    the others."""
     if cfg.num_workers is not None:
         return cfg.num_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = max(1, cores // processes_on_this_node())
-    return min(8, share) if device.type == "cuda" else max(1, share // 2)
+    return gpu_loader_workers() if device.type == "cuda" else max(1, cores_of_this_process() // 2)
 
 
 def _data_bound_hint(cfg: TrainConfig, device: torch.device, workers: int) -> str:
@@ -368,7 +366,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
                         collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=False,
                         worker_init_fn=StopSignalsToMain(),
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=prefetch_factor(workers))
     student: nn.Module = state.student
     if env.distributed and not is_sharded(state.student):
         student = nn.parallel.DistributedDataParallel(state.student, device_ids=[device.index] if device.type == "cuda" else None)

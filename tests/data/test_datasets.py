@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from dinokit.config import TrainConfig
-from dinokit.data.datasets import ImageDataset
+from dinokit.data.datasets import ImageDataset, prefetch_factor
 from dinokit.data.device_views import view_pipeline
 from dinokit.data.folders import scan_folder
 
@@ -26,3 +26,10 @@ def test_the_training_views_say_how_large_a_source_they_need(views_on, needed):
     on the device need the canvas (2 x 224 px), to which larger images are shrunk anyway."""
     transform, _ = view_pipeline(TrainConfig.build({"views_on": views_on}))
     assert transform.min_source_side == needed
+
+
+def test_prefetch_factor_keeps_a_few_batches_ahead_without_piling_them_up():
+    """In-process loading prefetches nothing; one worker keeps 4 batches ahead, many keep 2 each."""
+    assert prefetch_factor(0) is None
+    assert [prefetch_factor(w) for w in (1, 2, 3, 15, 32)] == [4, 2, 2, 2, 2]
+    assert all(w * prefetch_factor(w) >= 4 for w in range(1, 40))
