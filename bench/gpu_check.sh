@@ -12,7 +12,8 @@
 #   peers     bench/peers.py --device cuda: the same step through the official DINO code
 #             (fp16 + GradScaler, its default) beside dinokit's, from one run
 #   pipeline  `dinokit bench` fed by the data pipeline from JPEGs of ImageNet's typical size,
-#             views made by the loader workers, then on the GPU (views_on=device)
+#             views made by the loader workers (the default workers, then 8), then on the GPU
+#             (views_on=device); bench/pipeline_peers.py: one core's rate beside the official code's
 #   compile   `dinokit bench --synthetic compile=loss`, then `--compile` (backbones, heads and loss)
 #
 # Logs and results go to $OUT (the device tool's output folder) or bench/results/gpu-check;
@@ -139,12 +140,12 @@ EOF
         --results "$OUT_DIR/results" views_on=host
     run pipeline_device 100 "$PY" -m dinokit bench --data "$images" "${WORKLOAD[@]}" "${STEPS[@]}" \
         --results "$OUT_DIR/results" views_on=device
-    local cores
-    cores=$(nproc)
-    if [ "$cores" -gt 9 ]; then  # the default is 8 workers: are more faster?
-        run pipeline_host_all_cores 100 "$PY" -m dinokit bench --data "$images" "${WORKLOAD[@]}" "${STEPS[@]}" \
-            --workers $((cores - 1)) --results "$OUT_DIR/results" views_on=host
-    fi
+    run pipeline_host_8_workers 100 "$PY" -m dinokit bench --data "$images" "${WORKLOAD[@]}" "${STEPS[@]}" \
+        --workers 8 --results "$OUT_DIR/results" views_on=host  # the default before it became all cores but one
+    local peers=dinokit,dinokit-device
+    [ -n "$OFFICIAL_DINO" ] && peers=$peers,official
+    run pipeline_peers 60 "$PY" bench/pipeline_peers.py "$images" --images 128 --rounds 1 --only "$peers" \
+        ${OFFICIAL_DINO:+--official-dino "$OFFICIAL_DINO"} --results "$OUT_DIR/results"
 }
 
 part_compile() {

@@ -145,6 +145,49 @@ def test_decode_ab_times_reduced_and_full_size_loading(tmp_path):
     assert all(rates["full"] > 0 and rates["reduced"] > 0 for rates in run["images_per_s"].values())
 
 
+def _pipeline_peers(*args, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir(exist_ok=True)
+    for i in range(3):
+        Image.effect_noise((500, 375), 40 + i).convert("RGB").save(photos / f"{i}.jpg")
+    env = {**os.environ, "PYTHONPATH": str(PEERS.parents[1])}
+    return subprocess.run([sys.executable, str(PEERS.parent / "pipeline_peers.py"), str(photos), "--rounds", "1",
+                           "--local-crops", "2", "--results", str(tmp_path / "results"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_pipeline_peers_times_dinokits_loader_work_and_the_peers(tmp_path):
+    """The official code only with a clone (DINOKIT_OFFICIAL_DINO), lightly only where installed."""
+    names = ["dinokit", "dinokit+normalise", "dinokit-device"]
+    if importlib.util.find_spec("lightly") is not None:
+        names.append("lightly")
+    extra = []
+    if os.environ.get("DINOKIT_OFFICIAL_DINO"):
+        names.append("official")
+        extra = ["--official-dino", os.environ["DINOKIT_OFFICIAL_DINO"]]
+    proc = _pipeline_peers("--only", ",".join(names), "--images", 2, *extra, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("2 images of ")  # of the 3
+    assert "views 2 x 224 px + 2 x 96 px" in proc.stdout
+    run = json.loads(next((tmp_path / "results").glob("*.json")).read_text())["runs"][0]
+    assert run["kind"] == "pipeline_peers" and run["images"] == 2 and run["local_crops"] == [2, 96]
+    assert set(run["images_per_s"]) == set(names) and all(rate > 0 for rate in run["images_per_s"].values())
+    for peer in {"official", "lightly"} & set(names):
+        assert f"dinokit / {peer}:" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "official", "--official-dino", "/no/such/clone"], "--official-dino must point at a checkout"),
+    (["--only", "dinokit,tensorflow"], "unknown tensorflow"),
+    (["--only", "dinokit", "--rounds", "0"], "--rounds and --images must be at least 1"),
+])
+def test_pipeline_peers_bad_input_is_one_line(args, message, tmp_path):
+    proc = _pipeline_peers(*args, tmp_path=tmp_path)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_step_profile_splits_the_step_into_matmuls_and_other_ops(tmp_path):
     proc = _peers(tmp_path=tmp_path, script=PEERS.parent / "step_profile.py")
     assert proc.returncode == 0, proc.stderr
