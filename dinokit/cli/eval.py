@@ -58,7 +58,9 @@ def _source_options(fn):
         click.option("--patch-size", type=int, default=None, help="ViT patch size of a bare state dict"),
         click.option("--batch-size", type=int, default=256, show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps"),
-        click.option("--num-workers", type=int, default=None, help="image loading processes [default: 0 on a CPU; on a GPU all cores of this process's share but one, at most 32]"),
+        click.option("--num-workers", type=int, default=None,
+                     help="image loading processes [default: 0 on a CPU; on a GPU the cores of this process's "
+                          "share but one, at most 32]"),
         click.option("--weights", type=click.Path(), default=None, help="local copy of an official name's file"),
         click.option("--trust-checkpoint", is_flag=True, help="allow checkpoints holding arbitrary Python objects"),
     ]
