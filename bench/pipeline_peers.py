@@ -2,18 +2,19 @@
 
     python bench/pipeline_peers.py DIR --official-dino PATH_TO_CLONE [--images 256] [--rounds 2] [--local-crops 10]
 
-Every image of DIR (``--images`` of them at most, spread evenly over its sorted list) goes from its file to the paper's views (2 x 224 px + ``--local-crops`` x 96
-px, with the recipe's crops, flips, colour jitter, greyscale, blur and solarisation), the
-implementations taking turns (``take_turns`` of ``bench/peers.py``, a pass over the folder each)
-on ``--threads`` threads (default 1: the rate of one loader worker):
+Every image of DIR (``--images`` of them at most, spread evenly over its sorted list) goes from
+its file to the paper's views (2 x 224 px + ``--local-crops`` x 96 px, with the recipe's crops,
+flips, colour jitter, greyscale, blur and solarisation), the implementations taking turns
+(``take_turns`` of ``bench/peers.py``, a pass over the folder each) on ``--threads`` threads
+(default 1: the rate of one loader worker):
 
 - ``dinokit``: what a ``dinokit train`` loader worker does (``ImageDataset`` with the host half of
   ``view_pipeline``): large images reduced as they load, 8-bit views, which are normalised to
   float on the training device.
 - ``dinokit+normalise``: the same views normalised to float on the CPU (``NormalizeImages``): the
   output the peers give, the fair figure where the step runs on the CPU.
-- ``dinokit-device``: the loader's half of ``views_on=device``: decode onto the canvas and draw the
-  views' parameters. The views themselves are made on the GPU, not here.
+- ``dinokit-device``: the loader's half of ``views_on=device``: decode onto the canvas (the ``paper``
+  preset's, 512 px) and draw the views' parameters. The views themselves are made on the GPU, not here.
 - ``official``: ``main_dino.DataAugmentationDINO`` of a checkout of
   github.com/facebookresearch/dino, on each image as its ``ImageFolder`` loads it (PIL, RGB).
 - ``lightly``: ``lightly.transforms.DINOTransform`` (``pip install lightly``; not a dinokit
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     images = scan_folder(args.data)
     if len(images) > args.images:
         images = images.subset(np.linspace(0, len(images) - 1, args.images).round().astype(int))
-    cfg = TrainConfig.build({"local_crops_number": args.local_crops})
+    cfg = TrainConfig.build("paper", {"local_crops_number": args.local_crops})  # the paper's views (and canvas)
     work = {name: views_of_each(name, images, cfg, args.official_dino) for name in names}
     passes = {name: (lambda make=make: [make(i) for i in range(len(images))]) for name, make in work.items()}
     print(f"{len(images)} images of {images.root}; views 2 x {cfg.global_crops_size} px + {cfg.local_crops_number} x "

@@ -100,7 +100,8 @@ class TrainConfig(BaseModel):
     views_on: Literal["host", "device"] = Field("host", description="where the views are made: host (data loader "
                                                 "workers) or device (workers only decode; crops and colours on the GPU)")
     canvas_size: int | None = Field(None, ge=1, description="views_on=device: side of the square the decoded "
-                                    "image is shrunk to fit before it goes to the device; None: 2 x global_crops_size")
+                                    "image is shrunk to fit before it goes to the device; None: 2 x global_crops_size "
+                                    "(the paper preset: 512, ImageNet's images unshrunk)")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

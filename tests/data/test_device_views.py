@@ -12,7 +12,7 @@ from dinokit.config import TrainConfig
 from dinokit.data import device_views
 from dinokit.data.datasets import ImageDataset, collate_views
 from dinokit.data.device_views import (NUM_PARAMS, P, DeviceMultiCrop, ViewParameters, adjust_hue, blur_kernel_size,
-                                       crop_and_resize, gaussian_blur)
+                                       crop_and_resize, crop_box, gaussian_blur)
 from dinokit.data.folders import scan_folder
 from dinokit.data.transforms import MultiCropAugmentation
 
@@ -79,6 +79,25 @@ def test_parameter_distributions_are_the_recipes():
     assert torch.equal(orders.sort(-1).values, torch.arange(4.0).expand_as(orders))  # a permutation per view
     assert abs((orders[..., 0] == 3).float().mean() - 0.25) < 0.03
     assert 0.1 <= p[..., P["sigma"]].min() and p[..., P["sigma"]].max() <= 2.0
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (48, 40), (300, 400), (2000, 30), (30, 2000), (1, 1),
+                                  (7, 300)])
+@pytest.mark.parametrize("scale, ratio", [((0.4, 1.0), (3 / 4, 4 / 3)), ((0.05, 0.4), (3 / 4, 4 / 3)),
+                                          ((0.9, 1.0), (0.5, 2.0))])
+def test_crop_box_draws_what_torchvisions_sampler_draws(size, scale, ratio):
+    """The same boxes and the same generator state after, including the fallback (centred) crop of
+    images too elongated for ``ratio``."""
+    from torchvision.transforms import RandomResizedCrop
+
+    image = Image.new("RGB", size)
+    for seed in range(60):
+        torch.manual_seed(seed)
+        expected = RandomResizedCrop.get_params(image, list(scale), list(ratio))
+        after = torch.rand(1)
+        torch.manual_seed(seed)
+        assert crop_box(size[1], size[0], scale, ratio) == expected
+        assert torch.equal(torch.rand(1), after)
 
 
 def test_crop_and_resize_matches_torchvision():
