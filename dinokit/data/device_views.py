@@ -53,11 +53,10 @@ def canvas_side(cfg: TrainConfig) -> int:
 
 class ViewParameters:
     """Host side: PIL image -> ``(canvas, params)``, a ``3 x C x C`` uint8 tensor (the image,
-    shrunk to fit if larger than ``C``, in the top-left corner, zeros elsewhere) and the
-    ``V x NUM_PARAMS`` parameters of its views. Beyond the image, the canvas repeats its last row
-    and column, so that resampling at the image's border sees the border (as PIL does), not black.
-    Randomness comes from torch's global generator,
-    which the training dataset seeds per image."""
+    shrunk to fit if larger than ``C``, in the top-left corner) and the ``V x NUM_PARAMS``
+    parameters of its views. Beyond the image, the canvas repeats its last row and column, so
+    that resampling at the image's border sees the border (as PIL does), not black. Randomness
+    comes from torch's global generator, which the training dataset seeds per image."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -73,7 +72,7 @@ class ViewParameters:
             scale = self.canvas / max(image.size)
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.Resampling.BICUBIC)
-        canvas = torch.zeros(3, self.canvas, self.canvas, dtype=torch.uint8)
+        canvas = torch.empty(3, self.canvas, self.canvas, dtype=torch.uint8)  # every pixel is written below
         h, w = image.height, image.width
         canvas[:, :h, :w] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         canvas[:, :h, w:] = canvas[:, :h, w - 1:w]

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of the camera's orientation (1: upright)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 25_000 * 25_000  # larger files are refused as decompression bombs
 
@@ -114,7 +116,9 @@ def load_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
                 if img.format in ("JPEG", "MPO"):
                     _decode_reduced(img, min(8, reduction_for(img.size, min_side)))
                 img.load()
-                img = _to_rgb(ImageOps.exif_transpose(img))
+                if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+                    img = ImageOps.exif_transpose(img)
+                img = _to_rgb(img)
                 factor = reduction_for(img.size, min_side)
                 return img.reduce(factor) if factor > 1 else img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -149,4 +153,4 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert would copy an RGB image
