@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from dinokit.data.folders import BadImageError, ImageList, load_rgb
+from dinokit.data.folders import BadImageError, ImageList, load_rgb, load_rgb_tensor
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -33,6 +33,8 @@ class ImageDataset(Dataset):
 
     ``min_side``: the short side (pixels) ``transform`` needs of an image; a larger one is
     reduced by a power of two towards it (``load_rgb``). 0 keeps every image at full size.
+    ``transform`` gets PIL images (``load_rgb``), or ``3 x H x W`` uint8 tensors of the same
+    pixels (``load_rgb_tensor``) where it says ``takes_tensors`` (``ViewParameters``).
     """
 
     def __init__(self, images: ImageList, transform: Callable, seed: int = 0, min_side: int = 0) -> None:
@@ -40,6 +42,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.min_side = min_side
+        self.load = load_rgb_tensor if getattr(transform, "takes_tensors", False) else load_rgb
 
     def __len__(self) -> int:
         return len(self.images)
@@ -48,7 +51,7 @@ class ImageDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (None, key)
         label = self.images.labels[index] if self.images.labels is not None else -1
         try:
-            image = load_rgb(self.images.paths[index], self.min_side)
+            image = self.load(self.images.paths[index], self.min_side)
         except BadImageError as err:
             return None, label, index, str(err)
         if epoch is None:

@@ -67,24 +67,34 @@ class ViewParameters:
         self.kinds += [(cfg.local_crops_scale, blur[2], solarize[2])] * cfg.local_crops_number
         self.jitter = T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)  # its factor ranges
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        if max(image.size) > self.canvas:
-            scale = self.canvas / max(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC)
+    #: ``ImageDataset`` hands this transform its images as tensors (``load_rgb_tensor``), not PIL images
+    takes_tensors = True
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image``: PIL, or ``3 x H x W`` uint8 (``load_rgb_tensor``); the same canvas either way."""
+        pixels = image if isinstance(image, torch.Tensor) else None
+        h, w = pixels.shape[1:] if pixels is not None else (image.height, image.width)
+        if max(h, w) > self.canvas:  # shrunk by PIL's bicubic filter, however it came
+            if pixels is not None:
+                image, pixels = Image.fromarray(pixels.permute(1, 2, 0).numpy()), None
+            scale = self.canvas / max(h, w)
+            image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+            h, w = image.height, image.width
+        if pixels is None:
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         canvas = torch.empty(3, self.canvas, self.canvas, dtype=torch.uint8)  # every pixel is written below
-        h, w = image.height, image.width
-        canvas[:, :h, :w] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        canvas[:, :h, :w] = pixels
         canvas[:, :h, w:] = canvas[:, :h, w - 1:w]
         canvas[:, h:, :] = canvas[:, h - 1:h, :]
-        params = torch.stack([self.sample(image, scale, blur_p, solarize_p) for scale, blur_p, solarize_p in self.kinds])
+        params = torch.stack([self.sample(h, w, scale, blur_p, solarize_p) for scale, blur_p, solarize_p in self.kinds])
         return canvas, params
 
-    def sample(self, image: Image.Image, scale: tuple[float, float], blur_p: float, solarize_p: float) -> torch.Tensor:
-        """The parameters of one view of ``image``, drawn as the host path's transforms draw them
-        (the same calls on torch's generator, in the same order: the same values)."""
+    def sample(self, height: int, width: int, scale: tuple[float, float], blur_p: float,
+               solarize_p: float) -> torch.Tensor:
+        """The parameters of one view of a ``height x width`` image, drawn as the host path's
+        transforms draw them (the same calls on torch's generator, in the same order: the same values)."""
         cfg = self.cfg
-        row = [float(v) for v in crop_box(image.height, image.width, scale, cfg.crop_ratio)]
+        row = [float(v) for v in crop_box(height, width, scale, cfg.crop_ratio)]
         row += [float(torch.rand(1) < cfg.flip_prob), float(torch.rand(1) < cfg.color_jitter_prob)]
         j = self.jitter
         order, brightness, contrast, saturation, hue = T.ColorJitter.get_params(j.brightness, j.contrast,

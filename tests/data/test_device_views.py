@@ -10,10 +10,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from dinokit.config import TrainConfig
 from dinokit.data import device_views
-from dinokit.data.datasets import ImageDataset, collate_views
+from dinokit.data.datasets import ImageDataset, collate_views, sample_seed
 from dinokit.data.device_views import (NUM_PARAMS, P, DeviceMultiCrop, ViewParameters, adjust_hue, blur_kernel_size,
                                        crop_and_resize, crop_box, gaussian_blur)
-from dinokit.data.folders import scan_folder
+from dinokit.data.folders import load_rgb, load_rgb_tensor, scan_folder
 from dinokit.data.transforms import MultiCropAugmentation
 
 CFG = TrainConfig.build({"global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 3, "patch_size": 8,
@@ -49,6 +49,23 @@ def test_canvas_holds_the_image_and_repeats_its_border():
     assert torch.equal(canvas[:, 40:, :], canvas[:, 39:40, :].expand(-1, 24, -1))
     big, _ = ViewParameters(CFG)(photo(size=(200, 100)))  # larger than the canvas: shrunk to 64 x 32
     assert big.shape == (3, 64, 64) and torch.equal(big[:, 32:], big[:, 31:32].expand(-1, 32, -1))
+
+
+@pytest.mark.parametrize("size", [(48, 40), (200, 100)])  # the second is shrunk onto the canvas
+def test_a_tensor_image_gives_the_canvas_and_parameters_of_the_pil_image(size, tmp_path):
+    """``ImageDataset`` hands ``ViewParameters`` tensors (``load_rgb_tensor``): the same result."""
+    make, image = ViewParameters(CFG), photo(size=size)
+    torch.manual_seed(3)
+    from_pil = make(image)
+    torch.manual_seed(3)
+    from_tensor = make(TF.pil_to_tensor(image))
+    assert all(torch.equal(a, b) for a, b in zip(from_pil, from_tensor))
+    image.save(tmp_path / "a.jpg", quality=95)
+    dataset = ImageDataset(scan_folder(tmp_path), make)
+    assert dataset.load is load_rgb_tensor
+    torch.manual_seed(sample_seed(0, 0, 0))  # as the dataset seeds image 0 of epoch 0
+    expected = make(load_rgb(tmp_path / "a.jpg"))
+    assert all(torch.equal(a, b) for a, b in zip(dataset[(0, 0)][0], expected))
 
 
 def test_parameter_distributions_are_the_recipes():

@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from dinokit.data.folders import BadImageError, DataError, load_rgb, reduction_for, scan_folder, split_train_val
+from dinokit.data import folders
+from dinokit.data.folders import (BadImageError, DataError, load_rgb, load_rgb_tensor, reduction_for, scan_folder,
+                                   split_train_val)
 
 
 def _img(path, mode="RGB", size=(8, 8)):
@@ -135,5 +138,53 @@ def test_unreadable_files_raise_bad_image(tmp_path, content):
     else:
         path.write_bytes(content)
     for min_side in (0, 8):
-        with pytest.raises(BadImageError, match="bad.jpg"):
-            load_rgb(path, min_side)
+        for load in (load_rgb, load_rgb_tensor):
+            with pytest.raises(BadImageError, match="bad.jpg"):
+                load(path, min_side)
+
+
+def _rgb_files(tmp_path) -> dict[str, tuple]:
+    """Files of every kind ``load_rgb_tensor`` tells apart, with the ``min_side`` to load them at."""
+    files = {}
+    for name, save in {"q95.jpg": dict(quality=95), "444.jpg": dict(quality=90, subsampling=0),
+                       "422.jpg": dict(quality=80, subsampling=1), "progressive.jpg": dict(progressive=True),
+                       "p.png": {}}.items():
+        _photo(tmp_path / name, (50, 37), **save)
+        files[name] = (tmp_path / name, 0)
+    Image.fromarray(np.arange(48 * 40, dtype=np.uint8).reshape(40, 48)).save(tmp_path / "grey.jpg")
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    rotated = Image.fromarray(_photo(tmp_path / "tmp.png", (40, 20)))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    _photo(tmp_path / "large.jpg", (800, 600), quality=90)
+    Image.new("RGBA", (9, 7), (255, 0, 0, 128)).save(tmp_path / "alpha.png")
+    files.update({name: (tmp_path / name, 0) for name in ("grey.jpg", "cmyk.jpg", "rotated.jpg", "alpha.png")})
+    files["large.jpg, reduced"] = (tmp_path / "large.jpg", 100)
+    files["large.jpg"] = (tmp_path / "large.jpg", 0)
+    return files
+
+
+def test_tensor_loading_gives_load_rgbs_pixels_and_decodes_plain_jpegs_itself(tmp_path, monkeypatch):
+    """Every kind of file: the same pixels as ``load_rgb`` as 3 x H x W uint8. Plain JPEGs (RGB or
+    grey, upright, not reduced) are decoded by torchvision; the others go through PIL."""
+    decoded = []
+    monkeypatch.setattr(folders, "decode_jpeg", lambda data, **kw: decoded.append(1) or torchvision_decode(data, **kw))
+    for name, (path, min_side) in _rgb_files(tmp_path).items():
+        decoded.clear()
+        tensor = load_rgb_tensor(path, min_side)
+        expected = np.asarray(load_rgb(path, min_side)).transpose(2, 0, 1)
+        assert tensor.dtype == torch.uint8 and tensor.shape == expected.shape, name
+        assert np.array_equal(tensor.numpy(), expected), name
+        plain = name in ("q95.jpg", "444.jpg", "422.jpg", "progressive.jpg", "grey.jpg", "large.jpg")
+        assert bool(decoded) == plain, name
+    monkeypatch.setattr(folders, "decode_jpeg", None)  # a torchvision without its image codecs: PIL for all
+    for name, (path, min_side) in _rgb_files(tmp_path).items():
+        assert np.array_equal(load_rgb_tensor(path, min_side).numpy(),
+                              np.asarray(load_rgb(path, min_side)).transpose(2, 0, 1)), name
+
+
+def torchvision_decode(data, **kw):
+    from torchvision.io import decode_jpeg
+
+    return decode_jpeg(data, **kw)
