@@ -1,15 +1,16 @@
 """Multi-crop views made on the accelerator: decode on the host, crop and colour on the device.
 
-Where the CPU cannot feed the GPU (a core of a 2-core Xeon VM makes about 40 images/s of the recipe's
-2 x 224 px + 10 x 96 px views from 500 x 375 px JPEGs, and decodes about 300 images/s for this
+Where the CPU cannot feed the GPU (a core of a 2-core Xeon VM makes about 40 images/s of the
+recipe's 2 x 224 px + 10 x 96 px views from 500 x 375 px JPEGs, and about 400 images/s for this
 path onto the ``paper`` preset's 512 px canvas; an H100 trains ViT-S/16 on thousands per
-second), the data loader workers only
-decode each image, shrink it to fit a square *canvas* and draw the random parameters of its
-views; the device then applies them to the whole batch at once (``views_on: device``).
+second), the data loader workers only decode each image, shrink it to fit a square *canvas* and
+draw the random parameters of its views; the device then applies them to the whole batch at
+once (``views_on: device``).
 
-The parameters are drawn per image, from the image's own seed, with torchvision's samplers and
-the recipe's probabilities, exactly as ``MultiCropAugmentation`` draws them: a view still depends
-only on (seed, epoch, image), not on the worker, the number of processes or a resume. What
+The parameters are drawn per image, from the image's own seed, all views at once, with the
+distributions of the host path's samplers (``RandomResizedCrop``, ``ColorJitter``) and the
+recipe's probabilities: a view still depends only on (seed, epoch, image), not on the worker,
+the number of processes or a resume. What
 differs from the host path, by design: the crop is resampled with ``roi_align`` (bilinear,
 averaging several samples per output pixel when it shrinks, which antialiases) instead of PIL's
 bicubic filter, colour operations run in float instead of in 8-bit steps, the blur is a Gaussian
@@ -24,7 +25,6 @@ Shapes: a batch of canvases ``B x 3 x C x C`` (uint8) and parameters ``B x V x N
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -62,10 +62,16 @@ class ViewParameters:
         self.cfg = cfg
         self.canvas = canvas_side(cfg)
         self.min_source_side = self.canvas  # load_rgb's min_side: larger images are shrunk to the canvas anyway
-        blur, solarize = cfg.blur_prob, cfg.solarize_prob
-        self.kinds = [(cfg.global_crops_scale, blur[0], solarize[0]), (cfg.global_crops_scale, blur[1], solarize[1])]
-        self.kinds += [(cfg.local_crops_scale, blur[2], solarize[2])] * cfg.local_crops_number
-        self.jitter = T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)  # its factor ranges
+        kinds = [0, 1] + [2] * cfg.local_crops_number  # global 1, global 2, local: per view
+        scales = [cfg.global_crops_scale] * 2 + [cfg.local_crops_scale] * cfg.local_crops_number
+        self.scale = torch.tensor(scales, dtype=torch.float64)  # V x 2: each view's area share range
+        #: V x 5: each view's probability of flip, colour jitter, greyscale, blur, solarisation
+        self.probs = torch.tensor([[cfg.flip_prob, cfg.color_jitter_prob, cfg.grayscale_prob, cfg.blur_prob[k],
+                                    cfg.solarize_prob[k]] for k in kinds], dtype=torch.float64)
+        jitter = T.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)  # its factor ranges
+        neutral = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+        self.jitter_range = torch.tensor([getattr(jitter, name) or [value, value] for name, value in neutral.items()],
+                                         dtype=torch.float64)  # 4 x 2: brightness, contrast, saturation, hue
 
     #: ``ImageDataset`` hands this transform its images as tensors (``load_rgb_tensor``), not PIL images
     takes_tensors = True
@@ -86,55 +92,56 @@ class ViewParameters:
         canvas[:, :h, :w] = pixels
         canvas[:, :h, w:] = canvas[:, :h, w - 1:w]
         canvas[:, h:, :] = canvas[:, h - 1:h, :]
-        params = torch.stack([self.sample(h, w, scale, blur_p, solarize_p) for scale, blur_p, solarize_p in self.kinds])
-        return canvas, params
+        return canvas, self.sample(h, w)
 
-    def sample(self, height: int, width: int, scale: tuple[float, float], blur_p: float,
-               solarize_p: float) -> torch.Tensor:
-        """The parameters of one view of a ``height x width`` image, drawn as the host path's
-        transforms draw them (the same calls on torch's generator, in the same order: the same values)."""
-        cfg = self.cfg
-        row = [float(v) for v in crop_box(height, width, scale, cfg.crop_ratio)]
-        row += [float(torch.rand(1) < cfg.flip_prob), float(torch.rand(1) < cfg.color_jitter_prob)]
-        j = self.jitter
-        order, brightness, contrast, saturation, hue = T.ColorJitter.get_params(j.brightness, j.contrast,
-                                                                                j.saturation, j.hue)
-        row += order.tolist()
-        row += [1.0 if brightness is None else brightness, 1.0 if contrast is None else contrast,
-                1.0 if saturation is None else saturation, 0.0 if hue is None else hue]
-        row += [float(torch.rand(1) < cfg.grayscale_prob), float(torch.rand(1) < blur_p),
-                torch.empty(1).uniform_(*cfg.blur_sigma).item(), float(torch.rand(1) < solarize_p)]
-        return torch.tensor(row, dtype=torch.float32)  # in PARAM_NAMES' order
-
-
-def crop_box(height: int, width: int, scale: tuple[float, float],
-             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """``(top, left, height, width)`` of a random resized crop of a ``height x width`` image: area
-    share uniform in ``scale``, log aspect ratio (width / height) uniform in ``log(ratio)``, up to
-    10 tries, else the largest centred crop within ``ratio``. The same draws from torch's
-    generator, and the same boxes, as ``torchvision.transforms.RandomResizedCrop.get_params``
-    (tested), at a quarter of its cost per call."""
-    area = height * width
-    low, high = _float32_log(ratio)
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = torch.empty(1).uniform_(low, high).exp_().item()
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,)))
-            return top, int(torch.randint(0, width - w + 1, size=(1,))), h, w
-    w, h = width, height
-    if width / height < min(ratio):
-        h = round(width / min(ratio))
-    elif width / height > max(ratio):
-        w = round(height * max(ratio))
-    return (height - h) // 2, (width - w) // 2, h, w
+    def sample(self, height: int, width: int) -> torch.Tensor:
+        """The parameters of every view of a ``height x width`` image, ``V x NUM_PARAMS`` (float32,
+        in ``PARAM_NAMES``' order), from torch's generator: the host path's distributions (the
+        crop of ``RandomResizedCrop``, the probabilities, ``ColorJitter``'s factors and order,
+        the blur's sigma), drawn for all views at once (tested against torchvision's samplers).
+        Every parameter is drawn whether or not its operation applies."""
+        views = len(self.scale)
+        box = crop_boxes(height, width, self.scale, self.cfg.crop_ratio)
+        applies = (torch.rand(views, 5, dtype=torch.float64) < self.probs).double()
+        order = torch.rand(views, 4).argsort(dim=1).double()  # a uniform random order of the 4 jitter ops
+        low, high = self.jitter_range[:, 0], self.jitter_range[:, 1]
+        factors = low + (high - low) * torch.rand(views, 4, dtype=torch.float64)
+        sigma_low, sigma_high = self.cfg.blur_sigma
+        sigma = sigma_low + (sigma_high - sigma_low) * torch.rand(views, 1, dtype=torch.float64)
+        flip, jitter, grey, blur, solarize = applies.unbind(1)
+        return torch.cat([box, flip[:, None], jitter[:, None], order, factors, grey[:, None], blur[:, None], sigma,
+                          solarize[:, None]], dim=1).float()
 
 
-@functools.lru_cache(maxsize=8)
-def _float32_log(ratio: tuple[float, float]) -> tuple[float, float]:
-    """The bounds of the log aspect ratio, in float32 as torchvision computes them."""
-    return tuple(torch.log(torch.tensor(ratio)).tolist())
+def crop_boxes(height: int, width: int, scale: torch.Tensor, ratio: tuple[float, float],
+               tries: int = 10) -> torch.Tensor:
+    """``V x 4`` boxes ``(top, left, height, width)`` (float64, whole pixels) of random resized
+    crops of a ``height x width`` image, one per row of ``scale`` (``V x 2`` area share ranges),
+    sampled as ``RandomResizedCrop`` samples them: the area share uniform in its range, the log
+    aspect ratio (width / height) uniform in ``log(ratio)``, the first of ``tries`` draws that
+    fits in the image, else the largest centred crop within ``ratio``; the position uniform."""
+    views = scale.shape[0]
+    share = scale[:, :1] + (scale[:, 1:] - scale[:, :1]) * torch.rand(views, tries, dtype=torch.float64)
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_low + (log_high - log_low) * torch.rand(views, tries, dtype=torch.float64))
+    w, h = torch.sqrt(share * aspect * (height * width)).round(), torch.sqrt(share / aspect * (height * width)).round()
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first try that fits (0 where none does)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    position = torch.rand(views, 2, dtype=torch.float64)
+    top = (position[:, 0] * (height - h + 1)).floor().clamp(max=height - h)
+    left = (position[:, 1] * (width - w + 1)).floor().clamp(max=width - w)
+    missed = ~fits.any(dim=1)
+    if missed.any():  # the largest centred crop within the ratio range
+        fallback_w, fallback_h = width, height
+        if width / height < min(ratio):
+            fallback_h = round(width / min(ratio))
+        elif width / height > max(ratio):
+            fallback_w = round(height * max(ratio))
+        centred = torch.tensor([(height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h, fallback_w],
+                               dtype=torch.float64)
+        return torch.where(missed[:, None], centred, torch.stack([top, left, h, w], dim=1))
+    return torch.stack([top, left, h, w], dim=1)
 
 
 class DeviceMultiCrop:
