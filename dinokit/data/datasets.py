@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from dinokit.data.folders import BadImageError, ImageList, load_rgb, load_rgb_tensor
+from dinokit.data.folders import BadImageError, ImageList, load_rgb
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -33,8 +33,8 @@ class ImageDataset(Dataset):
 
     ``min_side``: the short side (pixels) ``transform`` needs of an image; a larger one is
     reduced by a power of two towards it (``load_rgb``). 0 keeps every image at full size.
-    ``transform`` gets PIL images (``load_rgb``), or ``3 x H x W`` uint8 tensors of the same
-    pixels (``load_rgb_tensor``) where it says ``takes_tensors`` (``ViewParameters``).
+    Images are loaded by ``transform.load_image(path, min_side)`` where the transform has one
+    (``ViewParameters``: tensors of plain JPEGs), else by ``load_rgb``.
     """
 
     def __init__(self, images: ImageList, transform: Callable, seed: int = 0, min_side: int = 0) -> None:
@@ -42,7 +42,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.min_side = min_side
-        self.load = load_rgb_tensor if getattr(transform, "takes_tensors", False) else load_rgb
+        self.load = getattr(transform, "load_image", load_rgb)
 
     def __len__(self) -> int:
         return len(self.images)

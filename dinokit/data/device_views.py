@@ -26,6 +26,7 @@ Shapes: a batch of canvases ``B x 3 x C x C`` (uint8) and parameters ``B x V x N
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from torchvision import transforms as T
 from torchvision.ops import roi_align
 
 from dinokit.config import TrainConfig
+from dinokit.data.folders import decode_plain_jpeg, load_rgb
 from dinokit.data.transforms import MultiCropAugmentation, NormalizeImages
 
 # One row of parameters per view; the names say what each column holds.
@@ -73,11 +75,15 @@ class ViewParameters:
         self.jitter_range = torch.tensor([getattr(jitter, name) or [value, value] for name, value in neutral.items()],
                                          dtype=torch.float64)  # 4 x 2: brightness, contrast, saturation, hue
 
-    #: ``ImageDataset`` hands this transform its images as tensors (``load_rgb_tensor``), not PIL images
-    takes_tensors = True
+    def load_image(self, path: str | Path, min_side: int) -> Image.Image | torch.Tensor:
+        """How ``ImageDataset`` loads an image for this transform: a plain JPEG that fits the canvas
+        as a tensor decoded by torchvision (``decode_plain_jpeg``: ~1.2x the images/s of this path
+        per core), any other as ``load_rgb``'s PIL image; the same pixels either way."""
+        pixels = decode_plain_jpeg(path, min_side, max_side=self.canvas)
+        return pixels if pixels is not None else load_rgb(path, min_side)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``image``: PIL, or ``3 x H x W`` uint8 (``load_rgb_tensor``); the same canvas either way."""
+        """``image``: PIL, or ``3 x H x W`` uint8; the same canvas either way."""
         pixels = image if isinstance(image, torch.Tensor) else None
         h, w = pixels.shape[1:] if pixels is not None else (image.height, image.width)
         if max(h, w) > self.canvas:  # shrunk by PIL's bicubic filter, however it came

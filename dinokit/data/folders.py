@@ -7,12 +7,13 @@ the root make it unlabelled. Files are never trusted: ``load_rgb`` turns every i
 ``BadImageError`` for files that cannot be decoded so callers can skip them. Given the smallest
 short side its caller needs, it reduces a larger image by a power of two, a JPEG while decoding it
 (libjpeg's DCT scaling): a 12-megapixel photo then decodes and crops several times faster, and
-its views are cut from an image still at least as large as every view needs. ``load_rgb_tensor``
-gives the same pixels as a ``3 x H x W`` uint8 tensor, decoding plain JPEGs without PIL.
+its views are cut from an image still at least as large as every view needs. ``decode_plain_jpeg``
+gives the same pixels of a plain JPEG as a ``3 x H x W`` uint8 tensor, without PIL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag of the camera's orientation (1: uprigh
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 25_000 * 25_000  # larger files are refused as decompression bombs
+#: What decoding an untrusted file can raise (``load_rgb`` turns it into ``BadImageError``)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 class DataError(ValueError):
@@ -115,44 +118,49 @@ def load_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
     decoded (up to 1/8; libjpeg's DCT scaling), other formats, and beyond 1/8, by averaging
     blocks of pixels (``Image.reduce``).
     """
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.format in ("JPEG", "MPO"):
-                    _decode_reduced(img, min(8, reduction_for(img.size, min_side)))
-                img.load()
-                if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
-                    img = ImageOps.exif_transpose(img)
-                img = _to_rgb(img)
-                factor = reduction_for(img.size, min_side)
-                return img.reduce(factor) if factor > 1 else img
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        with _untrusted_image(path) as img:
+            if img.format in ("JPEG", "MPO"):
+                _decode_reduced(img, min(8, reduction_for(img.size, min_side)))
+            img.load()
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+                img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            factor = reduction_for(img.size, min_side)
+            return img.reduce(factor) if factor > 1 else img
+    except DECODE_ERRORS as err:
         raise BadImageError(f"{path}: {type(err).__name__}: {err}") from None
 
 
-def load_rgb_tensor(path: str | Path, min_side: int = 0) -> torch.Tensor:
-    """``load_rgb(path, min_side)`` as a ``3 x H x W`` uint8 tensor: the same pixels (tested), and
-    the same errors. A JPEG in RGB or grey with nothing to rotate (EXIF) or reduce, the common
-    case, is decoded by torchvision's ``decode_jpeg`` straight into a tensor, skipping PIL's
-    image and its copies (views on the device: 1.1-1.25x the images/s per core); any other file,
-    or a torchvision without its image codecs (deprecated since 0.29), goes through ``load_rgb``."""
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+def decode_plain_jpeg(path: str | Path, min_side: int = 0, max_side: int = 0) -> torch.Tensor | None:
+    """The pixels ``load_rgb(path, min_side)`` gives, as a ``3 x H x W`` uint8 tensor decoded by
+    torchvision's ``decode_jpeg`` without a PIL image and its copies, for a *plain* JPEG: RGB or
+    grey, nothing to rotate (EXIF) or reduce, and (with ``max_side``) no side longer than that.
+    ``None`` for any other file, one that cannot be decoded (``load_rgb`` then says why), and
+    where torchvision lacks its image codecs (deprecated since 0.29)."""
+    if decode_jpeg is None:
+        return None
     try:
+        with _untrusted_image(path) as img:  # the header alone
+            if not (img.format == "JPEG" and img.mode in ("RGB", "L") and reduction_for(img.size, min_side) == 1
+                    and (not max_side or max(img.size) <= max_side) and img.getexif().get(EXIF_ORIENTATION, 1) == 1):
+                return None
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's codecs: we fall back when they go
-            with Image.open(path) as img:  # the header alone
-                plain_jpeg = (decode_jpeg is not None and img.format == "JPEG" and img.mode in ("RGB", "L")
-                              and reduction_for(img.size, min_side) == 1
-                              and img.getexif().get(EXIF_ORIENTATION, 1) == 1)
-            if plain_jpeg:
-                return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
-    except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning):
-        pass  # load_rgb says what is wrong, in its words
-    return torch.from_numpy(np.array(load_rgb(path, min_side), dtype=np.uint8)).permute(2, 0, 1)
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision's codecs: None when they go
+            return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+    except (*DECODE_ERRORS, RuntimeError):
+        return None
+
+
+@contextlib.contextmanager
+def _untrusted_image(path: str | Path):
+    """``Image.open(path)`` with Pillow's pixel limit at ``MAX_IMAGE_PIXELS`` and its
+    decompression-bomb warnings raised as errors."""
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            yield img
 
 
 def reduction_for(size: tuple[int, int], min_side: int) -> int:

@@ -13,7 +13,7 @@ from dinokit.data import device_views
 from dinokit.data.datasets import ImageDataset, collate_views, sample_seed
 from dinokit.data.device_views import (NUM_PARAMS, P, DeviceMultiCrop, ViewParameters, adjust_hue, blur_kernel_size,
                                        crop_and_resize, crop_boxes, gaussian_blur)
-from dinokit.data.folders import load_rgb, load_rgb_tensor, scan_folder
+from dinokit.data.folders import BadImageError, load_rgb, scan_folder
 from dinokit.data.transforms import MultiCropAugmentation
 
 CFG = TrainConfig.build({"global_crops_size": 32, "local_crops_size": 16, "local_crops_number": 3, "patch_size": 8,
@@ -53,7 +53,8 @@ def test_canvas_holds_the_image_and_repeats_its_border():
 
 @pytest.mark.parametrize("size", [(48, 40), (200, 100)])  # the second is shrunk onto the canvas
 def test_a_tensor_image_gives_the_canvas_and_parameters_of_the_pil_image(size, tmp_path):
-    """``ImageDataset`` hands ``ViewParameters`` tensors (``load_rgb_tensor``): the same result."""
+    """``ImageDataset`` loads images for ``ViewParameters`` by its ``load_image`` (plain JPEGs as
+    tensors): the same result as from ``load_rgb``'s PIL image."""
     make, image = ViewParameters(CFG), photo(size=size)
     torch.manual_seed(3)
     from_pil = make(image)
@@ -62,10 +63,23 @@ def test_a_tensor_image_gives_the_canvas_and_parameters_of_the_pil_image(size, t
     assert all(torch.equal(a, b) for a, b in zip(from_pil, from_tensor))
     image.save(tmp_path / "a.jpg", quality=95)
     dataset = ImageDataset(scan_folder(tmp_path), make)
-    assert dataset.load is load_rgb_tensor
+    fits = max(size) <= make.canvas  # a plain JPEG that fits comes as a tensor
+    assert dataset.load == make.load_image and isinstance(make.load_image(tmp_path / "a.jpg", 0), torch.Tensor) == fits
     torch.manual_seed(sample_seed(0, 0, 0))  # as the dataset seeds image 0 of epoch 0
     expected = make(load_rgb(tmp_path / "a.jpg"))
     assert all(torch.equal(a, b) for a, b in zip(dataset[(0, 0)][0], expected))
+
+
+def test_view_parameters_load_what_fits_as_tensors_and_the_rest_through_pil(tmp_path):
+    """A JPEG larger than the canvas, a PNG: PIL images (the shrink is PIL's); a bad file: ``BadImageError``."""
+    make = ViewParameters(CFG)  # a 64 px canvas
+    photo(size=(100, 60)).save(tmp_path / "large.jpg")
+    photo().save(tmp_path / "b.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    assert isinstance(make.load_image(tmp_path / "large.jpg", 0), Image.Image)
+    assert isinstance(make.load_image(tmp_path / "b.png", 0), Image.Image)
+    with pytest.raises(BadImageError, match="bad.jpg"):
+        make.load_image(tmp_path / "bad.jpg", 0)
 
 
 def test_parameter_distributions_are_the_recipes():

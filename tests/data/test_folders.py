@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from dinokit.data import folders
-from dinokit.data.folders import (BadImageError, DataError, load_rgb, load_rgb_tensor, reduction_for, scan_folder,
+from dinokit.data.folders import (BadImageError, DataError, decode_plain_jpeg, load_rgb, reduction_for, scan_folder,
                                    split_train_val)
 
 
@@ -138,13 +138,13 @@ def test_unreadable_files_raise_bad_image(tmp_path, content):
     else:
         path.write_bytes(content)
     for min_side in (0, 8):
-        for load in (load_rgb, load_rgb_tensor):
-            with pytest.raises(BadImageError, match="bad.jpg"):
-                load(path, min_side)
+        with pytest.raises(BadImageError, match="bad.jpg"):
+            load_rgb(path, min_side)
+        assert decode_plain_jpeg(path, min_side) is None  # load_rgb then says why
 
 
 def _rgb_files(tmp_path) -> dict[str, tuple]:
-    """Files of every kind ``load_rgb_tensor`` tells apart, with the ``min_side`` to load them at."""
+    """Files of every kind ``decode_plain_jpeg`` tells apart, with the ``min_side`` to load them at."""
     files = {}
     for name, save in {"q95.jpg": dict(quality=95), "444.jpg": dict(quality=90, subsampling=0),
                        "422.jpg": dict(quality=80, subsampling=1), "progressive.jpg": dict(progressive=True),
@@ -165,23 +165,26 @@ def _rgb_files(tmp_path) -> dict[str, tuple]:
     return files
 
 
-def test_tensor_loading_gives_load_rgbs_pixels_and_decodes_plain_jpegs_itself(tmp_path, monkeypatch):
-    """Every kind of file: the same pixels as ``load_rgb`` as 3 x H x W uint8. Plain JPEGs (RGB or
-    grey, upright, not reduced) are decoded by torchvision; the others go through PIL."""
+def test_plain_jpegs_decode_to_load_rgbs_pixels_and_other_files_to_none(tmp_path, monkeypatch):
+    """Plain JPEGs (RGB or grey, upright, not reduced, within ``max_side``) are decoded by
+    torchvision into the same pixels as ``load_rgb``'s, as 3 x H x W uint8; every other file is
+    left to ``load_rgb`` (``None``), also where torchvision lacks its image codecs."""
     decoded = []
     monkeypatch.setattr(folders, "decode_jpeg", lambda data, **kw: decoded.append(1) or torchvision_decode(data, **kw))
-    for name, (path, min_side) in _rgb_files(tmp_path).items():
+    files = _rgb_files(tmp_path)
+    for name, (path, min_side) in files.items():
         decoded.clear()
-        tensor = load_rgb_tensor(path, min_side)
-        expected = np.asarray(load_rgb(path, min_side)).transpose(2, 0, 1)
-        assert tensor.dtype == torch.uint8 and tensor.shape == expected.shape, name
-        assert np.array_equal(tensor.numpy(), expected), name
+        tensor = decode_plain_jpeg(path, min_side)
         plain = name in ("q95.jpg", "444.jpg", "422.jpg", "progressive.jpg", "grey.jpg", "large.jpg")
-        assert bool(decoded) == plain, name
+        assert (tensor is not None) == plain == bool(decoded), name
+        if plain:
+            expected = np.asarray(load_rgb(path, min_side)).transpose(2, 0, 1)
+            assert tensor.dtype == torch.uint8 and tensor.shape == expected.shape, name
+            assert np.array_equal(tensor.numpy(), expected), name
+    large = files["large.jpg"][0]  # 800 x 600
+    assert decode_plain_jpeg(large, max_side=799) is None and decode_plain_jpeg(large, max_side=800) is not None
     monkeypatch.setattr(folders, "decode_jpeg", None)  # a torchvision without its image codecs: PIL for all
-    for name, (path, min_side) in _rgb_files(tmp_path).items():
-        assert np.array_equal(load_rgb_tensor(path, min_side).numpy(),
-                              np.asarray(load_rgb(path, min_side)).transpose(2, 0, 1)), name
+    assert all(decode_plain_jpeg(path, min_side) is None for path, min_side in files.values())
 
 
 def torchvision_decode(data, **kw):
