@@ -61,6 +61,24 @@ IMPLEMENTATIONS = ("dinokit", "dinokit-bf16", "dinokit+compiled-loss", "dinokit-
 PEERS = ("official", "lightly")
 
 
+# --- choosing ------------------------------------------------------------------------------
+
+def chosen(only: str, implementations: tuple[str, ...]) -> list[str]:
+    """The names of ``--only`` (comma-separated); exits with one line on an unknown one."""
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = set(names) - set(implementations)
+    if unknown:
+        sys.exit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(implementations)}")
+    return names
+
+
+def require_official_clone(clone: Path | None) -> None:
+    """Exit with one line unless ``clone`` is a checkout of the official DINO code."""
+    if not (clone and (clone / "main_dino.py").exists()):
+        sys.exit("--official-dino must point at a checkout of github.com/facebookresearch/dino "
+                 "(git clone https://github.com/facebookresearch/dino), or leave the official code out with --only")
+
+
 # --- measuring -------------------------------------------------------------------------------
 
 def peak_rss_mib() -> float:
@@ -379,18 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, w, args.steps, args.warmup, args.official_dino)))
         return 0
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = set(names) - set(IMPLEMENTATIONS)
-    if unknown:
-        sys.exit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(IMPLEMENTATIONS)}")
+    names = chosen(args.only, IMPLEMENTATIONS)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: this machine has no CUDA GPU")
     if device.type not in PRECISION:
         sys.exit(f"--device {args.device}: choose cpu or cuda")
-    if "official" in names and not (args.official_dino and (args.official_dino / "main_dino.py").exists()):
-        sys.exit("--official-dino must point at a checkout of github.com/facebookresearch/dino "
-                 "(git clone https://github.com/facebookresearch/dino), or leave it out with --only dinokit,lightly")
+    if "official" in names:
+        require_official_clone(args.official_dino)
 
     print(f"workload: {args.arch}/{args.patch_size}, batch {args.batch_size}, views 2x{args.global_size}px + "
           f"{args.local_crops}x{args.local_size}px, K={args.out_dim}, {device.type}: {w['precision']}, {args.threads} threads, "

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-import peers  # noqa: E402  (bench/peers.py: take_turns)
+import peers  # noqa: E402  (bench/peers.py: choosing and take_turns)
 
 from dinokit.config import TrainConfig  # noqa: E402
 from dinokit.data.datasets import ImageDataset  # noqa: E402
@@ -99,13 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = set(names) - set(IMPLEMENTATIONS)
-    if unknown:
-        sys.exit(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(IMPLEMENTATIONS)}")
-    if "official" in names and not (args.official_dino and (args.official_dino / "main_dino.py").exists()):
-        sys.exit("--official-dino must point at a checkout of github.com/facebookresearch/dino "
-                 "(git clone https://github.com/facebookresearch/dino), or leave it out with --only")
+    names = peers.chosen(args.only, IMPLEMENTATIONS)
+    if "official" in names:
+        peers.require_official_clone(args.official_dino)
     if "lightly" in names and importlib.util.find_spec("lightly") is None:
         sys.exit("lightly is not installed (pip install lightly), or leave it out with --only")
     if args.rounds < 1 or args.images < 1 or args.local_crops < 0:
