@@ -13,13 +13,15 @@ Test images always go through the evaluation transform; their features are compu
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -155,6 +157,31 @@ def train_linear(train: Features | None, test: Features, num_classes: int, epoch
     return head, result
 
 
+class ProbeBatches(Sampler):
+    """Batches of ``(epoch, index)`` keys for ``ImageDataset``, all ``epochs`` of the probe in order.
+
+    Each epoch is a permutation of ``num_images`` drawn from ``(seed, epoch)``, cut into
+    ``batches_per_epoch`` batches of ``batch_size`` (the last one may be shorter): a batch never
+    holds images of two epochs.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, epochs: int, seed: int = 0) -> None:
+        self.num_images, self.batch_size, self.epochs, self.seed = num_images, batch_size, epochs, seed
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_images / self.batch_size)
+
+    def __iter__(self):
+        for epoch in range(self.epochs):
+            order = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            for i in range(0, self.num_images, self.batch_size):
+                yield [(epoch, index) for index in order[i:i + self.batch_size].tolist()]
+
+    def __len__(self) -> int:
+        return self.epochs * self.batches_per_epoch
+
+
 def linear_probe(backbone: nn.Module, train_images: ImageList, test_images: ImageList, epochs: int = 100,
                  lr: float = 0.001, batch_size: int = 256, n_last_blocks: int = 4, avgpool: bool = False,
                  augment: bool = True, crop_size: int = 224, mean=None, std=None, device: torch.device | str = "cpu",
@@ -182,15 +209,17 @@ def linear_probe(backbone: nn.Module, train_images: ImageList, test_images: Imag
         dataset = ImageDataset(train_images, probe_train_transform(crop_size, mean, std), seed=seed,
                                min_side=crop_source_side(crop_size, PROBE_CROP_SCALE, PROBE_CROP_RATIO))
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        sampler = ProbeBatches(len(dataset), batch_size, epochs, seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_views,
+                            pin_memory=device.type == "cuda", worker_init_fn=StopSignalsToMain())
+        stream = None  # one pass of the loader over all epochs: its workers start once and read ahead across epochs
 
         @torch.no_grad()
         def train_batches(epoch: int):
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            keys = [(epoch, i) for i in order.tolist()]
-            loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers,
-                                collate_fn=collate_views, pin_memory=device.type == "cuda",
-                                worker_init_fn=StopSignalsToMain())
-            for batch in loader:
+            nonlocal stream
+            if stream is None:
+                stream = iter(loader)
+            for batch in itertools.islice(stream, sampler.batches_per_epoch):
                 if len(batch):
                     with autocast:
                         x = features(batch.views[0].to(device, non_blocking=True))

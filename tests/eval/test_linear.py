@@ -8,7 +8,8 @@ from dinokit.config import ConfigError
 from dinokit.data import datasets
 from dinokit.data.folders import ImageList, scan_folder, split_train_val
 from dinokit.eval.features import Features
-from dinokit.eval.linear import ProbeFeatures, linear_probe, train_linear
+from dinokit.eval import linear
+from dinokit.eval.linear import ProbeBatches, ProbeFeatures, linear_probe, train_linear
 from dinokit.models.vit import vit
 
 from tests.conftest import CIFAR10
@@ -66,6 +67,35 @@ def test_linear_probe_on_image_folders(tmp_path, augment, monkeypatch):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == (1 if augment else 2)
     # evaluation resizes the short side to 18 px; the probe's crops at 8% of the image need 66
     assert asked == ({18, 66} if augment else {18})
+
+
+def test_probe_batches_cover_every_image_once_per_epoch_and_never_span_two_epochs():
+    sampler = ProbeBatches(10, 4, epochs=3, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 9 and sampler.batches_per_epoch == 3
+    assert [len(batch) for batch in batches] == [4, 4, 2] * 3
+    for epoch in range(3):
+        keys = [key for batch in batches[3 * epoch:3 * epoch + 3] for key in batch]
+        assert {e for e, _ in keys} == {epoch} and sorted(i for _, i in keys) == list(range(10))
+    assert batches[0] != [(1, i) for _, i in batches[3]]  # a new order every epoch
+    assert list(ProbeBatches(10, 4, epochs=3, seed=1)) == batches != list(ProbeBatches(10, 4, epochs=3, seed=2))
+
+
+def test_augmented_probe_reads_all_epochs_in_one_pass_of_its_loader(tmp_path, monkeypatch):
+    passes = []  # the workers of each pass start once; one pass per epoch would start them every epoch
+
+    class CountingLoader(linear.DataLoader):
+        def __iter__(self):
+            passes.append(self.num_workers)
+            return super().__iter__()
+
+    monkeypatch.setattr(linear, "DataLoader", CountingLoader)
+    train = scan_folder(make_folder(tmp_path / "train", COLOURS, per_class=3))
+    test = scan_folder(make_folder(tmp_path / "test", ["red", "blue"], per_class=2))
+    results = [linear_probe(nn.Flatten(), train, test, epochs=3, lr=0.1, batch_size=5, crop_size=16, progress=False,
+                            num_workers=workers).history for workers in (2, 0)]
+    assert passes == [2, 0]
+    assert results[0] == results[1]  # the same crops in the same order, whoever loads them
 
 
 def cifar_subset(per_class: int) -> ImageList:
