@@ -8,7 +8,8 @@
 #             CUDA phase timer and MFU, pinned batches, no host sync in a step, GPU-side views
 #             against the CPU path, one-GPU torchrun against no launcher, peers on CUDA
 #   bench     `dinokit bench --synthetic`: the paper's ViT-S/16 step (2 x 224 + 10 x 96 px views,
-#             K = 65536, batch 128, bf16): images/s, time split, peak memory, MFU
+#             K = 65536, batch 128, bf16): images/s, time split, peak memory, MFU; then with
+#             grad_checkpointing=true
 #   peers     bench/peers.py --device cuda: the same step through the official DINO code
 #             (fp16 + GradScaler, its default) beside dinokit's, from one run
 #   pipeline  `dinokit bench` fed by the data pipeline from JPEGs of ImageNet's typical size,
@@ -99,6 +100,8 @@ part_tests() {
 
 part_bench() {
     run bench 100 "$PY" -m dinokit bench --synthetic "${WORKLOAD[@]}" "${STEPS[@]}" --results "$OUT_DIR/results"
+    run bench_grad_checkpointing 60 "$PY" -m dinokit bench --synthetic "${WORKLOAD[@]}" "${PEER_STEPS[@]}" \
+        --results "$OUT_DIR/results" grad_checkpointing=true  # peak memory and images/s, recomputing the blocks
 }
 
 part_peers() {

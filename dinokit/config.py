@@ -45,6 +45,9 @@ class TrainConfig(BaseModel):
     compile: Literal["off", "loss", "all"] = Field(
         "off", description="torch.compile: loss (seconds to compile), all: backbones, heads and loss (minutes on a CPU); "
                            "true means all")
+    grad_checkpointing: bool = Field(
+        False, description="recompute the student backbone's activations in the backward pass instead of keeping "
+                           "them: far less memory, about a third more compute in the backbone (ViTs, timm models)")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="how several processes share the work (torchrun)")
     keep_freed_memory: bool = Field(
         True, description="CPU runs on Linux: malloc keeps what a step frees for the next step instead of returning "

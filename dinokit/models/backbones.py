@@ -56,6 +56,20 @@ def _timm_backbone(name: str, img_size: int, drop_path_rate: float) -> nn.Module
     return model
 
 
+def enable_grad_checkpointing(backbone: nn.Module, arch: str) -> None:
+    """Turn on activation checkpointing (``set_grad_checkpointing``, the method our ViTs and
+    timm's models share); ``ValueError`` for a backbone without it (torchvision's ResNets)."""
+    hint = f"; timm's ResNets can: arch=timm:{arch}" if arch in RESNETS else ""
+    problem = f"grad_checkpointing: {arch} cannot recompute its activations{hint}"
+    setter = getattr(backbone, "set_grad_checkpointing", None)
+    if setter is None:
+        raise ValueError(problem)
+    try:
+        setter(True)
+    except (AssertionError, NotImplementedError) as err:  # timm models that lack it assert
+        raise ValueError(problem) from err
+
+
 def is_vit(backbone: nn.Module) -> bool:
     """Whether ``backbone`` can give attention maps and patch tokens (our ViT interface)."""
     return isinstance(backbone, VisionTransformer)

@@ -310,8 +310,28 @@ def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=
 
 def count_step_flops(state, views: list[torch.Tensor], cfg: TrainConfig, autocast) -> float:
     """Model FLOPs of one training step (matmuls, convolutions and attention, forward and
-    backward), counted by ``FlopCounterMode`` while running one real step. The CPU's attention
-    kernel, which the counter does not know, is counted with its formula for the GPU kernels."""
+    backward), counted by ``FlopCounterMode`` while running a real step. The CPU's attention
+    kernel, which the counter does not know, is counted with its formula for the GPU kernels.
+
+    With ``grad_checkpointing`` the forward recomputed in the backward is not the model's work
+    (MFU does not count it), and a step at the run's batch without recomputing would set the
+    peak memory that the setting avoids: the steps counted then run without recomputing on 2 and
+    on 4 of the images, and the count is extrapolated to the batch (it is affine in the batch
+    size: per-image work plus the head's weight normalisation)."""
+    if not cfg.grad_checkpointing:
+        return _counted_step(state, views, cfg, autocast)
+    backbone = state.student.backbone
+    backbone.set_grad_checkpointing(False)
+    try:
+        if cfg.batch_size <= 4:
+            return _counted_step(state, views, cfg, autocast)
+        two, four = (_counted_step(state, [v[:n] for v in views], cfg, autocast) for n in (2, 4))
+        return two + (four - two) / 2 * (cfg.batch_size - 2)
+    finally:
+        backbone.set_grad_checkpointing(True)
+
+
+def _counted_step(state, views: list[torch.Tensor], cfg: TrainConfig, autocast) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten

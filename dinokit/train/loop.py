@@ -33,7 +33,7 @@ from dinokit.eval.knn import knn_evaluate
 from dinokit.method.loss import DINOLoss
 from dinokit.method.schedules import Schedules
 from dinokit.method.teacher import make_teacher, update_teacher
-from dinokit.models.backbones import build_backbone
+from dinokit.models.backbones import build_backbone, enable_grad_checkpointing
 from dinokit.models.head import DINOHead
 from dinokit.models.multicrop import MultiCropModel
 from dinokit.train.checkpoint import LATEST, load_checkpoint, save_checkpoint
@@ -111,6 +111,11 @@ def build_state(cfg: TrainConfig, device: torch.device) -> DINOState:
     """Student, EMA teacher, loss and optimizer of a fresh run (seeded by ``cfg.seed``)."""
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.arch, cfg.patch_size, cfg.global_crops_size, cfg.drop_path_rate)
+    if cfg.grad_checkpointing:
+        try:
+            enable_grad_checkpointing(backbone, cfg.arch)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     head = DINOHead(backbone.num_features, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
                     cfg.head_layers, cfg.norm_last_layer)
     student = MultiCropModel(backbone, head).to(device)

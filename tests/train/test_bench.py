@@ -97,6 +97,17 @@ def test_run_bench_on_synthetic_views():
     assert "bf16 2.5x as fast as fp32" in faster and "bf16" not in slower.split("MFU")[1]
 
 
+@pytest.mark.parametrize("batch_size", [2, 7])
+def test_recomputed_activations_are_not_counted_as_model_flops(batch_size):
+    """With grad_checkpointing the count is the model's (beyond 4 images, extrapolated from
+    steps on 2 and 4 images, which keep the peak memory low), and recomputing is on again after."""
+    cfg = _cfg(grad_checkpointing=True, batch_size=batch_size)
+    state = build_state(cfg, torch.device("cpu"))
+    views = bench.synthetic_views(cfg, torch.device("cpu"))
+    assert bench.count_step_flops(state, views, cfg, contextlib.nullcontext()) == _expected_flops(cfg)
+    assert state.student.backbone.grad_checkpointing
+
+
 def test_run_bench_through_the_data_pipeline(textures_dir):
     cfg = _cfg(data=str(textures_dir), batch_size=4)
     result = bench.run_bench(cfg, steps=1, warmup=1, count_flops=False)

@@ -291,6 +291,15 @@ def test_fsdp_two_processes_equal_one_process(fsdp_run, reference):
     _assert_same_run(fsdp_run, reference)
 
 
+def test_fsdp_with_grad_checkpointing_equals_one_process(setup, reference):
+    """Blocks recomputed in the backward inside FSDP's gather and free of each block."""
+    if torch.__version__ < FSDP_MIN_TORCH:
+        pytest.skip(f"strategy=fsdp needs torch >= {FSDP_MIN_TORCH}")
+    out = setup["root"] / "fsdp-recomputed"
+    _assert_ok(_torchrun(setup, out, "grad_checkpointing=true", strategy="fsdp"))
+    _assert_same_run(out, reference)
+
+
 def test_fsdp_checkpoint_resumes_on_one_process(setup, fsdp_run):
     out = setup["root"] / "fsdp-resumed"
     shutil.copytree(fsdp_run / "checkpoint_epoch0001.dcp", out / "checkpoint.dcp")  # written by 2 processes

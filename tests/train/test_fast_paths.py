@@ -1,4 +1,5 @@
-"""The fast paths compute what the plain paths compute: bf16 autocast, torch.compile (backbone and loss), multi-tensor
+"""The fast paths compute what the plain paths compute: bf16 autocast, torch.compile (backbone and loss), activation
+checkpointing, multi-tensor
 (and, on CUDA, fused) AdamW, CUDA-event phase timing, pinned batches. GPU-only checks skip
 without CUDA. (The multi-tensor EMA is checked in tests/method/test_teacher.py.)"""
 
@@ -30,8 +31,8 @@ def _views(cfg: TrainConfig, device: torch.device) -> list[torch.Tensor]:
     return [torch.randn(cfg.batch_size, 3, s, s, generator=g).to(device) for s in sides]
 
 
-def _loss_and_grads(precision: str, device: torch.device):
-    cfg = _tiny_cfg(precision=precision, device=str(device))
+def _loss_and_grads(precision: str, device: torch.device, **changes):
+    cfg = _tiny_cfg(precision=precision, device=str(device), **changes)
     state = build_state(cfg, device)
     views = _views(cfg, device)
     with _autocast(cfg, device):
@@ -53,6 +54,32 @@ def _check_bf16_matches_fp32(device: torch.device) -> None:
 
 def test_bf16_autocast_gives_the_fp32_loss_on_the_cpu():
     _check_bf16_matches_fp32(torch.device("cpu"))
+
+
+def _check_grad_checkpointing_changes_nothing(device: torch.device, precision: str) -> None:
+    """The student's blocks recomputed in the backward give the step's loss and gradients (with
+    stochastic depth: the same draws)."""
+    plain = _loss_and_grads(precision, device, drop_path_rate=0.3)
+    recomputed = _loss_and_grads(precision, device, drop_path_rate=0.3, grad_checkpointing=True)
+    assert torch.equal(plain[1], recomputed[1])
+    assert torch.allclose(plain[2], recomputed[2], rtol=1e-5, atol=1e-7)
+
+
+def test_grad_checkpointing_gives_the_same_step_on_the_cpu():
+    _check_grad_checkpointing_changes_nothing(torch.device("cpu"), "fp32")
+
+
+@cuda
+def test_grad_checkpointing_gives_the_same_step_on_cuda_in_bf16():
+    _check_grad_checkpointing_changes_nothing(torch.device("cuda"), "bf16")
+
+
+def test_grad_checkpointing_needs_a_backbone_that_can_recompute():
+    from dinokit.config import ConfigError
+
+    assert build_state(_tiny_cfg(arch="timm:resnet18", grad_checkpointing=True), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="resnet18 cannot recompute its activations; timm's ResNets can"):
+        build_state(_tiny_cfg(arch="resnet18", grad_checkpointing=True), torch.device("cpu"))
 
 
 @cuda
