@@ -291,12 +291,14 @@ def test_fsdp_two_processes_equal_one_process(fsdp_run, reference):
     _assert_same_run(fsdp_run, reference)
 
 
-def test_fsdp_with_grad_checkpointing_equals_one_process(setup, reference):
-    """Blocks recomputed in the backward inside FSDP's gather and free of each block."""
-    if torch.__version__ < FSDP_MIN_TORCH:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grad_checkpointing_on_two_processes_equals_one_process(setup, reference, strategy):
+    """Blocks recomputed in the backward: with DDP's gradient hooks, and inside FSDP's gather and
+    free of each block."""
+    if strategy == "fsdp" and torch.__version__ < FSDP_MIN_TORCH:
         pytest.skip(f"strategy=fsdp needs torch >= {FSDP_MIN_TORCH}")
-    out = setup["root"] / "fsdp-recomputed"
-    _assert_ok(_torchrun(setup, out, "grad_checkpointing=true", strategy="fsdp"))
+    out = setup["root"] / f"{strategy}-recomputed"
+    _assert_ok(_torchrun(setup, out, "grad_checkpointing=true", strategy=strategy))
     _assert_same_run(out, reference)
 
 
