@@ -76,7 +76,9 @@ def bench(config: str | None, compile_: bool, synthetic: bool, steps: int, warmu
         record = {"kind": "data_pipeline", "machine": lib.describe_machine(device),
                   "workload": lib.describe_workload(cfg, "pipeline", device, workers),
                   "images_per_s_per_core": per_core}
-        text = f"data pipeline: {per_core:.1f} images/s per core (decode + {cfg.local_crops_number + 2} views)"
+        views = cfg.local_crops_number + 2
+        work = f"decode + {views} views" if cfg.views_on == "host" else f"decode + canvas + {views} views' parameters"
+        text = f"data pipeline: {per_core:.1f} images/s per core ({work})"
         if workers:
             record["images_per_s"] = lib.measure_pipeline(cfg, batches=max(2, steps // 2), workers=workers)
             text += f"; {record['images_per_s']:.1f} images/s with {workers} workers"

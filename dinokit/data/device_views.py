@@ -19,8 +19,9 @@ and an image larger than the canvas is shrunk once before cropping.
 ``tests/data/test_device_views.py`` checks both the parameter distributions and the applied
 transforms against the host path.
 
-Shapes: a batch of canvases ``B x 3 x C x C`` (uint8) and parameters ``B x V x NUM_PARAMS``
-(float32) become ``V`` views ``B x 3 x S_v x S_v`` (float32, normalised), global views first.
+Shapes: a batch of canvases ``B x C x C x 3`` (uint8, channels last: the layout decoders write,
+so that filling one is a copy of whole rows) and parameters ``B x V x NUM_PARAMS`` (float32)
+become ``V`` views ``B x 3 x S_v x S_v`` (float32, normalised), global views first.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def canvas_side(cfg: TrainConfig) -> int:
 
 
 class ViewParameters:
-    """Host side: PIL image -> ``(canvas, params)``, a ``3 x C x C`` uint8 tensor (the image,
+    """Host side: PIL image -> ``(canvas, params)``, a ``C x C x 3`` uint8 tensor (the image,
     shrunk to fit if larger than ``C``, in the top-left corner) and the ``V x NUM_PARAMS``
     parameters of its views. Beyond the image, the canvas repeats its last row and column, so
     that resampling at the image's border sees the border (as PIL does), not black. Randomness
@@ -84,20 +85,21 @@ class ViewParameters:
 
     def __call__(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``image``: PIL, or ``3 x H x W`` uint8; the same canvas either way."""
-        pixels = image if isinstance(image, torch.Tensor) else None
-        h, w = pixels.shape[1:] if pixels is not None else (image.height, image.width)
+        pixels = image.permute(1, 2, 0) if isinstance(image, torch.Tensor) else None  # H x W x 3
+        h, w = pixels.shape[:2] if pixels is not None else (image.height, image.width)
         if max(h, w) > self.canvas:  # shrunk by PIL's bicubic filter, however it came
             if pixels is not None:
-                image, pixels = Image.fromarray(pixels.permute(1, 2, 0).numpy()), None
+                image, pixels = Image.fromarray(pixels.numpy()), None
             scale = self.canvas / max(h, w)
             image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
             h, w = image.height, image.width
-        if pixels is None:
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        canvas = torch.empty(3, self.canvas, self.canvas, dtype=torch.uint8)  # every pixel is written below
-        canvas[:, :h, :w] = pixels
-        canvas[:, :h, w:] = canvas[:, :h, w - 1:w]
-        canvas[:, h:, :] = canvas[:, h - 1:h, :]
+        canvas = torch.empty(self.canvas, self.canvas, 3, dtype=torch.uint8)  # every pixel is written below
+        if pixels is not None:
+            canvas[:h, :w] = pixels
+        else:
+            canvas.numpy()[:h, :w] = np.asarray(image, dtype=np.uint8)
+        canvas[:h, w:] = canvas[:h, w - 1:w]
+        canvas[h:] = canvas[h - 1:h]
         return canvas, self.sample(h, w)
 
     def sample(self, height: int, width: int) -> torch.Tensor:
@@ -163,7 +165,8 @@ class DeviceMultiCrop:
     def __call__(self, canvases: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
         if params.shape[1] != len(self.sizes):
             raise ValueError(f"parameters for {params.shape[1]} views, but the config makes {len(self.sizes)}")
-        images = canvases.float().div_(255)
+        b, c = canvases.shape[:2]  # B x C x C x 3 -> B x 3 x C x C floats in [0, 1], in one pass
+        images = torch.empty(b, 3, c, c, device=canvases.device).copy_(canvases.permute(0, 3, 1, 2)).div_(255)
         return [self.normalize(self.view(images, params[:, v], size)) for v, size in enumerate(self.sizes)]
 
     def view(self, images: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:

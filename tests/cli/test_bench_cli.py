@@ -46,6 +46,15 @@ def test_data_only_measures_the_pipeline_per_core(textures_dir, tmp_path):
     assert record["workload"]["data"] == str(textures_dir) and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("views_on, work", [("host", "(decode + 4 views)"),
+                                            ("device", "(decode + canvas + 4 views' parameters)")])
+def test_data_only_says_what_a_worker_does(textures_dir, views_on, work):
+    result = invoke("--data-only", "--data", textures_dir, "--workers", "0", "--steps", "4", "--no-save", *TINY,
+                    f"views_on={views_on}")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("data pipeline: ") and work in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "steps"),
     (["--data", "/no/such/folder"], "/no/such/folder"),

@@ -42,13 +42,13 @@ def sample_params(n: int, cfg: TrainConfig = CFG, seed: int = 0) -> torch.Tensor
 
 def test_canvas_holds_the_image_and_repeats_its_border():
     canvas, params = ViewParameters(CFG)(photo(size=(48, 40)))
-    assert canvas.dtype == torch.uint8 and canvas.shape == (3, 64, 64)
+    assert canvas.dtype == torch.uint8 and canvas.shape == (64, 64, 3)  # rows, columns, channels
     assert params.shape == (2 + 3, NUM_PARAMS)
-    assert torch.equal(canvas[:, :40, :48], TF.to_image(photo(size=(48, 40))))
-    assert torch.equal(canvas[:, :40, 48:], canvas[:, :40, 47:48].expand(-1, -1, 16))
-    assert torch.equal(canvas[:, 40:, :], canvas[:, 39:40, :].expand(-1, 24, -1))
+    assert torch.equal(canvas[:40, :48], TF.to_image(photo(size=(48, 40))).permute(1, 2, 0))
+    assert torch.equal(canvas[:40, 48:], canvas[:40, 47:48].expand(-1, 16, -1))
+    assert torch.equal(canvas[40:], canvas[39:40].expand(24, -1, -1))
     big, _ = ViewParameters(CFG)(photo(size=(200, 100)))  # larger than the canvas: shrunk to 64 x 32
-    assert big.shape == (3, 64, 64) and torch.equal(big[:, 32:], big[:, 31:32].expand(-1, 32, -1))
+    assert big.shape == (64, 64, 3) and torch.equal(big[32:], big[31:32].expand(32, -1, -1))
 
 
 @pytest.mark.parametrize("size", [(48, 40), (200, 100)])  # the second is shrunk onto the canvas
