@@ -1,7 +1,7 @@
 """Multi-crop views made on the accelerator: decode on the host, crop and colour on the device.
 
 Where the CPU cannot feed the GPU (a core of a 2-core Xeon VM makes about 40 images/s of the
-recipe's 2 x 224 px + 10 x 96 px views from 500 x 375 px JPEGs, and about 400 images/s for this
+recipe's 2 x 224 px + 10 x 96 px views from 500 x 375 px JPEGs, and about 500 images/s for this
 path onto the ``paper`` preset's 512 px canvas; an H100 trains ViT-S/16 on thousands per
 second), the data loader workers only decode each image, shrink it to fit a square *canvas* and
 draw the random parameters of its views; the device then applies them to the whole batch at
