@@ -65,8 +65,10 @@ class ImageDataset(Dataset):
 
 @dataclass
 class Batch:
-    """A collated batch: ``views`` is one tensor per view (``B x 3 x H x W``), or for plain
-    (single-view) datasets a list with one tensor; ``failed`` lists the files that did not load."""
+    """A collated batch: ``views`` is one tensor per view (``B x 3 x H x W``), for views made on
+    the device the canvases and their views' parameters (``dinokit.data.device_views``), or for
+    plain (single-view) datasets a list with one tensor; ``failed`` lists the files that did not
+    load."""
 
     views: list[torch.Tensor]
     labels: torch.Tensor
