@@ -50,8 +50,9 @@ class TrainConfig(BaseModel):
                            "them: far less memory, about a third more compute in the backbone (ViTs, timm models)")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="how several processes share the work (torchrun)")
     keep_freed_memory: bool = Field(
-        True, description="CPU runs on Linux: malloc keeps what a step frees for the next step instead of returning "
-                          "it to the system (no page faults on the step's large tensors; a few percent more memory)")
+        True, description="Linux: malloc keeps what is freed for the next step (CPU runs) and the next image (data "
+                          "loader workers) instead of returning it to the system (no page faults on large tensors; "
+                          "a few percent more memory)")
 
     # --- model -----------------------------------------------------------------------------
     arch: str = Field("vit_small", description="vit_tiny | vit_small | vit_base | resnet18/34/50 | timm:<name>")

@@ -40,13 +40,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from dinokit.config import ConfigError, TrainConfig
-from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain, prefetch_factor
+from dinokit.data.datasets import ImageDataset, collate_views, prefetch_factor
 from dinokit.data.folders import DataError, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.data.device_views import view_pipeline
 from dinokit.train.distributed import cpu_has_amx, resolve_device
 from dinokit.train.host_memory import use_memory_policy
-from dinokit.train.loop import _autocast, _num_workers, build_state, train_step
+from dinokit.train.loop import _autocast, _num_workers, build_state, loader_worker_init, train_step
 
 BF16_HINT_SPEEDUP = 1.3  # the bf16 / fp32 matmul rate above which the report suggests bf16 on a CPU
 PHASES = ("data", "views", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "ema", "centre")
@@ -257,7 +257,7 @@ def pipeline_loader(cfg: TrainConfig, workers: int, device: torch.device, transf
                                              generator=torch.Generator().manual_seed(cfg.seed))
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=prefetch_factor(workers), drop_last=True, worker_init_fn=StopSignalsToMain())
+                      prefetch_factor=prefetch_factor(workers), drop_last=True, worker_init_fn=loader_worker_init(cfg))
 
 
 def measure_pipeline(cfg: TrainConfig, batches: int, workers: int = 0) -> float:

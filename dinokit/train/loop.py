@@ -43,7 +43,7 @@ from dinokit.train.distributed import (DistEnv, any_process, check_agreement, co
                                        resolve_device, shutdown_distributed, sync_batch_norm)
 from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
                                 read_sharded_args, require_tested_torch, save_sharded, shard)
-from dinokit.train.host_memory import use_memory_policy
+from dinokit.train.host_memory import KeepFreedMemoryInWorkers, use_memory_policy
 from dinokit.train.monitor import Monitor, StallWatch
 from dinokit.train.optim import build_optimizer, clip_gradients, set_hyperparameters, step_if_finite
 
@@ -242,6 +242,12 @@ def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
     return gpu_loader_workers() if device.type == "cuda" else max(1, cores_of_this_process() // 2)
 
 
+def loader_worker_init(cfg: TrainConfig):
+    """The training loader's ``worker_init_fn``: signals to the main process alone, and with
+    ``keep_freed_memory`` the worker's freed memory kept for its next image (GPU runs too)."""
+    return KeepFreedMemoryInWorkers(StopSignalsToMain()) if cfg.keep_freed_memory else StopSignalsToMain()
+
+
 def _data_bound_hint(cfg: TrainConfig, device: torch.device, workers: int) -> str:
     """What to try when the step waits for the data loader."""
     tries = [f"more loader workers (num_workers={workers} now)"]
@@ -370,8 +376,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     workers = _num_workers(cfg, device)
     loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
                         collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=False,
-                        worker_init_fn=StopSignalsToMain(),
-                        prefetch_factor=prefetch_factor(workers))
+                        worker_init_fn=loader_worker_init(cfg), prefetch_factor=prefetch_factor(workers))
     student: nn.Module = state.student
     if env.distributed and not is_sharded(state.student):
         student = nn.parallel.DistributedDataParallel(state.student, device_ids=[device.index] if device.type == "cuda" else None)

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from dinokit.config import TrainConfig
+from dinokit.data.datasets import StopSignalsToMain
 from dinokit.train.host_memory import use_memory_policy
+from dinokit.train.loop import loader_worker_init
 
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                            reason="the setting is glibc's (Linux); other C libraries are left as they are")
@@ -47,3 +49,40 @@ def test_policy_is_for_cpu_runs_that_ask_for_it():
     assert TrainConfig.build({"keep_freed_memory": False}).keep_freed_memory is False
     assert use_memory_policy(False, torch.device("cpu")) is False  # asked not to: nothing done
     assert use_memory_policy(True, torch.device("meta")) is False  # not a CPU run: nothing done
+
+
+# A loader worker in miniature: each item makes and frees a 64 MiB block; the last item reports
+# the page faults of the worker's last four blocks.
+WORKER = textwrap.dedent("""
+    import resource, sys, torch
+    from torch.utils.data import DataLoader
+    from dinokit.config import TrainConfig
+    from dinokit.train.loop import loader_worker_init
+
+    def item(i):
+        if i == 14:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(4):
+                torch.empty(16 << 20).fill_(2.0)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        torch.empty(16 << 20).fill_(1.0)
+        return 0
+
+    cfg = TrainConfig.build({"keep_freed_memory": sys.argv[1] == "keep"})
+    loader = DataLoader(range(15), batch_size=None, num_workers=1, collate_fn=item,
+                        worker_init_fn=loader_worker_init(cfg), multiprocessing_context="fork")
+    print(list(loader)[-1])
+""")
+
+
+@glibc
+def test_training_loader_workers_keep_freed_memory_on_every_device():
+    """The training loader's workers keep what they free for the next image whether the run is
+    on a CPU or a GPU (the main process, here, never sets it)."""
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", WORKER, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    assert faults("default") > 4 * 10_000
+    assert faults("keep") < 500
+    assert type(loader_worker_init(TrainConfig.build({"keep_freed_memory": False}))) is StopSignalsToMain
