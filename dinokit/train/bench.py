@@ -225,8 +225,8 @@ def describe_workload(cfg: TrainConfig, data: str, device: torch.device, workers
     precision = "bf16" if _autocast_dtype(cfg, device) == torch.bfloat16 else "fp32"
     return {"arch": cfg.arch, "patch_size": cfg.patch_size, "batch_size": cfg.batch_size, "views": views,
             "out_dim": cfg.out_dim, "head_hidden_dim": cfg.head_hidden_dim, "precision": precision,
-            "compile": cfg.compile, "data": data if data == "synthetic" else str(resolve_data(cfg.data)),
-            "workers": workers}
+            "compile": cfg.compile, "grad_checkpointing": cfg.grad_checkpointing,
+            "data": data if data == "synthetic" else str(resolve_data(cfg.data)), "workers": workers}
 
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -457,6 +457,7 @@ def format_result(result: BenchResult) -> str:
     w, m = result.workload, result.machine
     device = m.get("gpu", f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads)")
     compiled = "" if w["compile"] == "off" else f", compiled ({w['compile']})"
+    compiled += ", recomputing activations" if w.get("grad_checkpointing") else ""
     lines = [
         f"dinokit bench: {w['arch']}/{w['patch_size']}, batch {w['batch_size']}, views {w['views']}, "
         f"K={w['out_dim']}, {w['precision']}{compiled}, data: {w['data']} "

@@ -106,6 +106,7 @@ def test_recomputed_activations_are_not_counted_as_model_flops(batch_size):
     views = bench.synthetic_views(cfg, torch.device("cpu"))
     assert bench.count_step_flops(state, views, cfg, contextlib.nullcontext()) == _expected_flops(cfg)
     assert state.student.backbone.grad_checkpointing
+    assert bench.describe_workload(cfg, "synthetic", torch.device("cpu"), 0)["grad_checkpointing"]  # results file
 
 
 def test_run_bench_through_the_data_pipeline(textures_dir):
