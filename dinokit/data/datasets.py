@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, default_collate
 
 from dinokit.data.folders import BadImageError, ImageList, load_rgb
 
@@ -109,28 +109,20 @@ class StopSignalsToMain:
 
 
 def collate_views(samples: list) -> Batch:
+    """Samples of ``ImageDataset`` -> a ``Batch``, each view stacked by PyTorch's ``default_collate``
+    (in a loader worker straight into the shared memory the batch is sent through)."""
     good = [s for s in samples if s[0] is not None]
     failed = [s[3] for s in samples if s[0] is None]
     if not good:
         return Batch([], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), failed)
     first = good[0][0]
     if isinstance(first, (list, tuple)):
-        views = [_stack([s[0][v] for s in good]) for v in range(len(first))]
+        views = [default_collate([s[0][v] for s in good]) for v in range(len(first))]
     else:
-        views = [_stack([s[0] for s in good])]
+        views = [default_collate([s[0] for s in good])]
     labels = torch.tensor([s[1] for s in good], dtype=torch.long)
     indices = torch.tensor([s[2] for s in good], dtype=torch.long)
     return Batch(views, labels, indices, failed)
-
-
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack``; in a loader worker straight into shared memory, which the batch is sent
-    through (stacked elsewhere, it would be copied there once more), as PyTorch's own collate does."""
-    if get_worker_info() is None:
-        return torch.stack(tensors)
-    first = tensors[0]
-    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
-    return torch.stack(tensors, out=first.new(storage).resize_(len(tensors), *first.shape))
 
 
 def prefetch_factor(workers: int) -> int | None:

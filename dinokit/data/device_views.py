@@ -166,7 +166,8 @@ class DeviceMultiCrop:
         if params.shape[1] != len(self.sizes):
             raise ValueError(f"parameters for {params.shape[1]} views, but the config makes {len(self.sizes)}")
         b, c = canvases.shape[:2]  # B x C x C x 3 -> B x 3 x C x C floats in [0, 1], in one pass
-        images = torch.empty(b, 3, c, c, device=canvases.device).copy_(canvases.permute(0, 3, 1, 2)).div_(255)
+        images = torch.empty(b, 3, c, c, dtype=torch.float32, device=canvases.device)
+        images.copy_(canvases.permute(0, 3, 1, 2)).div_(255)
         return [self.normalize(self.view(images, params[:, v], size)) for v, size in enumerate(self.sizes)]
 
     def view(self, images: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:

@@ -212,13 +212,10 @@ def linear_probe(backbone: nn.Module, train_images: ImageList, test_images: Imag
         sampler = ProbeBatches(len(dataset), batch_size, epochs, seed)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_views,
                             pin_memory=device.type == "cuda", worker_init_fn=StopSignalsToMain())
-        stream = None  # one pass of the loader over all epochs: its workers start once and read ahead across epochs
+        stream = iter(loader)  # one pass over all epochs: the workers start once and read ahead across epochs
 
         @torch.no_grad()
         def train_batches(epoch: int):
-            nonlocal stream
-            if stream is None:
-                stream = iter(loader)
             for batch in itertools.islice(stream, sampler.batches_per_epoch):
                 if len(batch):
                     with autocast:
