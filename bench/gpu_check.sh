@@ -9,7 +9,8 @@
 #             against the CPU path, one-GPU torchrun against no launcher, peers on CUDA
 #   bench     `dinokit bench --synthetic`: the paper's ViT-S/16 step (2 x 224 + 10 x 96 px views,
 #             K = 65536, batch 128, bf16): images/s, time split, peak memory, MFU; then with
-#             grad_checkpointing=true
+#             grad_checkpointing=true; then bench/device_views_cost.py: the kernels, memory traffic
+#             and time of making those views on the GPU (views_on=device)
 #   peers     bench/peers.py --device cuda: the same step through the official DINO code
 #             (fp16 + GradScaler, its default) beside dinokit's, from one run
 #   pipeline  `dinokit bench` fed by the data pipeline from JPEGs of ImageNet's typical size,
@@ -56,11 +57,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
     STEPS=(--steps 2 --warmup 1)
     PEER_STEPS=(--steps 2 --warmup 1)
     IMAGES=64
+    VIEWS_BATCH=(--batch-size 8)
 else
     WORKLOAD=()  # dinokit bench's GPU default: the paper's ViT-S/16 views at batch 128
     STEPS=(--steps 30 --warmup 5)
     PEER_STEPS=(--steps 20 --warmup 5)
     IMAGES=1024
+    VIEWS_BATCH=()  # the paper preset's views at batch 128
 fi
 DEVICE=$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null)
 PAPER=(--arch vit_small --patch-size 16 --global-size 224 --local-size 96 --local-crops 10 --batch-size 128)
@@ -102,6 +105,8 @@ part_bench() {
     run bench 100 "$PY" -m dinokit bench --synthetic "${WORKLOAD[@]}" "${STEPS[@]}" --results "$OUT_DIR/results"
     run bench_grad_checkpointing 60 "$PY" -m dinokit bench --synthetic "${WORKLOAD[@]}" "${PEER_STEPS[@]}" \
         --results "$OUT_DIR/results" grad_checkpointing=true  # peak memory and images/s, recomputing the blocks
+    run device_views_cost 40 "$PY" bench/device_views_cost.py "${VIEWS_BATCH[@]}" --device "$DEVICE" \
+        --results "$OUT_DIR/results"
 }
 
 part_peers() {

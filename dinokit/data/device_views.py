@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -154,114 +155,147 @@ def crop_boxes(height: int, width: int, scale: torch.Tensor, ratio: tuple[float,
 
 class DeviceMultiCrop:
     """Device side: ``(canvases, params)`` of a batch -> the list of its views, on the canvases'
-    device. Build it once per run (``DeviceMultiCrop(cfg)``) and call it every step."""
+    device. Build it once per run (``DeviceMultiCrop(cfg)``) and call it every step.
+
+    The global views are made together, and so are the local ones (``B x views`` images through
+    each kernel: on a GPU the launches do not grow with the number of views), and each operation
+    but the jitter's blends runs on the images drawn for it alone, picked by indices planned on
+    the host from ``params`` (``WorkPlan``): no host-device synchronisation, and no image
+    transformed to be thrown away."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.sizes = [cfg.global_crops_size] * 2 + [cfg.local_crops_size] * cfg.local_crops_number
+        #: (size, first view, number of views): the global views, then the local ones
+        self.groups = [(cfg.global_crops_size, 0, 2)]
+        if cfg.local_crops_number:
+            self.groups.append((cfg.local_crops_size, 2, cfg.local_crops_number))
         self.normalize = NormalizeImages(cfg.mean, cfg.std)
 
     @torch.no_grad()
     def __call__(self, canvases: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
+        """``canvases``: ``B x C x C x 3`` uint8 on the device that makes the views; ``params``:
+        ``B x V x NUM_PARAMS``, best on the host (as collated): its flags plan the work there; from
+        the device they are first copied back, which waits for it."""
         if params.shape[1] != len(self.sizes):
             raise ValueError(f"parameters for {params.shape[1]} views, but the config makes {len(self.sizes)}")
-        b, c = canvases.shape[:2]  # B x C x C x 3 -> B x 3 x C x C floats in [0, 1], in one pass
-        images = torch.empty(b, 3, c, c, dtype=torch.float32, device=canvases.device)
-        images.copy_(canvases.permute(0, 3, 1, 2)).div_(255)
-        return [self.normalize(self.view(images, params[:, v], size)) for v, size in enumerate(self.sizes)]
+        device, (b, c) = canvases.device, canvases.shape[:2]
+        plans = WorkPlan.of_groups([_view_major(params.cpu(), first, count) for _, first, count in self.groups], device)
+        params = params.to(device, non_blocking=True)
+        images = torch.empty(b, 3, c, c, dtype=torch.float32, device=device)  # B x C x C x 3 -> B x 3 x C x C
+        images.copy_(canvases.permute(0, 3, 1, 2)).div_(255)  # floats in [0, 1], in one pass
+        views: list[torch.Tensor] = []
+        for (size, first, count), plan in zip(self.groups, plans):
+            p = _view_major(params, first, count)  # (views x B) x NUM_PARAMS, view by view
+            image_index = torch.arange(b, device=device).repeat(count)
+            x = crop_and_resize(images, p[:, P["top"]], p[:, P["left"]], p[:, P["height"]], p[:, P["width"]], size,
+                                image_index)
+            views += self.normalize(self.transform(x, p, plan, size)).split(b)
+        return views
 
-    def view(self, images: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:
-        """One view of every image: ``B x 3 x C x C`` in [0, 1] and ``B x NUM_PARAMS`` -> ``B x 3 x size x size``."""
-        x = crop_and_resize(images, p[:, P["top"]], p[:, P["left"]], p[:, P["height"]], p[:, P["width"]], size)
-        x = torch.where(p[:, P["flip"], None, None, None] > 0, x.flip(-1), x)
-        x = color_jitter(x, p)
-        x = torch.where(p[:, P["grayscale"], None, None, None] > 0, grey(x).expand_as(x), x)
+    def transform(self, x: torch.Tensor, p: torch.Tensor, plan: WorkPlan, size: int) -> torch.Tensor:
+        """Crops ``N x 3 x size x size`` in [0, 1] and their ``N x NUM_PARAMS`` -> the views before
+        normalisation: flip, colour jitter (each image's factors and order), greyscale, blur, solarisation."""
+        x = apply_to(x, p, plan.flip, lambda xs, _: xs.flip(-1))
+        x = color_jitter(x, p, plan.hue)
+        x = apply_to(x, p, plan.grey, lambda xs, _: grey(xs).expand_as(xs))
         kernel = blur_kernel_size(self.cfg.blur_sigma[1], size)
-        x = apply_where(x, p, p[:, P["blur"]] > 0, lambda xs, ps: gaussian_blur(xs, ps[:, P["sigma"]], kernel))
-        solarize = (p[:, P["solarize"], None, None, None] > 0) & (x >= SOLARIZE_THRESHOLD)
-        return torch.where(solarize, 1 - x, x)
+        x = apply_to(x, p, plan.blur, lambda xs, ps: gaussian_blur(xs, ps[:, P["sigma"]], kernel))
+        return apply_to(x, p, plan.solarize, lambda xs, _: torch.where(xs >= SOLARIZE_THRESHOLD, 1 - xs, xs))
 
 
-def crop_and_resize(images: torch.Tensor, top, left, height, width, size: int) -> torch.Tensor:
-    """Crop box ``[top, top + height) x [left, left + width)`` (pixels) of each image, resized to
-    ``size x size`` by ``roi_align``: bilinear, with as many samples per output pixel as the box
-    has input pixels per output pixel (an area average when shrinking)."""
-    batch = torch.arange(images.shape[0], device=images.device, dtype=images.dtype)
-    boxes = torch.stack([batch, left, top, left + width, top + height], dim=1).to(images.dtype)
+def _view_major(params: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """``B x V x NUM_PARAMS`` -> the rows of views ``first .. first + count - 1``, view by view:
+    ``(count x B) x NUM_PARAMS``, row ``v * B + i`` for image ``i`` of view ``first + v``."""
+    return params[:, first:first + count].transpose(0, 1).reshape(-1, params.shape[-1])
+
+
+class WorkPlan(NamedTuple):
+    """Which images of a group each operation but the jitter's blends transforms: index tensors on
+    the device, of lengths the host knows (indexing with them makes the host wait for nothing)."""
+
+    flip: torch.Tensor
+    hue: list[torch.Tensor]  # per position of the jitter order: the images whose op there is hue
+    grey: torch.Tensor
+    blur: torch.Tensor
+    solarize: torch.Tensor
+
+    @staticmethod
+    def of_groups(params: list[torch.Tensor], device: torch.device) -> list[WorkPlan]:
+        """The plans of groups of views from their ``N x NUM_PARAMS`` parameters on the host; all
+        indices go to the device in one copy (from pinned memory to a GPU: it does not wait)."""
+        masks = []
+        for p in params:
+            jitter = p[:, P["jitter"]] > 0
+            hue = [jitter & (p[:, P[f"order_{k}"]] == JITTER_OPS.index("hue")) for k in range(4)]
+            masks += [p[:, P["flip"]] > 0, *hue, p[:, P["grayscale"]] > 0, p[:, P["blur"]] > 0, p[:, P["solarize"]] > 0]
+        indices = [mask.nonzero().flatten() for mask in masks]
+        flat = torch.cat(indices)
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        parts = iter(flat.to(device, non_blocking=True).split([len(i) for i in indices]))
+        return [WorkPlan(next(parts), [next(parts) for _ in range(4)], next(parts), next(parts), next(parts))
+                for _ in params]
+
+
+def crop_and_resize(images: torch.Tensor, top, left, height, width, size: int,
+                    image_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop box ``[top, top + height) x [left, left + width)`` (pixels) of image ``image_index``
+    (default: box ``i`` of image ``i``), resized to ``size x size`` by ``roi_align``: bilinear, with
+    as many samples per output pixel as the box has input pixels per output pixel (an area
+    average when shrinking). ``N`` boxes -> ``N x 3 x size x size``."""
+    if image_index is None:
+        image_index = torch.arange(images.shape[0], device=images.device)
+    boxes = torch.stack([image_index.to(images.dtype), left, top, left + width, top + height], dim=1).to(images.dtype)
     return roi_align(images, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:
-    """Luma of RGB images ``N x 3 x H x W`` -> ``N x 1 x H x W``."""
+    """Luma of RGB images ``N x 3 x H x W`` -> ``N x 1 x H x W``, summed as torchvision sums it (three kernels)."""
     r, g, b = x.unbind(1)
-    return (GREY_WEIGHTS[0] * r + GREY_WEIGHTS[1] * g + GREY_WEIGHTS[2] * b).unsqueeze(1)
+    return r.mul(GREY_WEIGHTS[0]).add_(g, alpha=GREY_WEIGHTS[1]).add_(b, alpha=GREY_WEIGHTS[2]).unsqueeze(1)
 
 
-def color_jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, p: torch.Tensor, hue_at: list[torch.Tensor]) -> torch.Tensor:
     """ColorJitter with each image's own factors and order of the four operations; images whose
-    ``jitter`` flag is off pass unchanged."""
+    ``jitter`` flag is off pass unchanged. ``hue_at[k]``: the images whose operation ``k`` is the
+    hue's (``WorkPlan``). At each position the other three are one blend of every image with what
+    its operation blends it with (black, its mean grey, its grey), by factor 1 where there is no
+    such operation, which returns the image itself."""
     jitter = p[:, P["jitter"]] > 0
+    blends = torch.arange(3, device=x.device)  # brightness, contrast, saturation: ColorJitter's ops 0, 1, 2
+    factors = p[:, P["brightness"]:P["saturation"] + 1]  # a slice: indexing by a list would copy it to the device
     for position in range(4):
-        for op, name in enumerate(JITTER_OPS):
-            chosen = jitter & (p[:, P[f"order_{position}"]] == op)
-            x = apply_where(x, p, chosen, lambda xs, ps, name=name: _JITTER[name](xs, ps[:, P[name]]))
+        chosen = jitter[:, None] & (p[:, P[f"order_{position}"], None] == blends)  # N x 3, one true at most
+        factor = torch.where(chosen, factors, 1.0).prod(dim=1).view(-1, 1, 1, 1)
+        luma = grey(x)
+        other = torch.where(chosen[:, 2, None, None, None], luma,
+                            luma.mean(dim=(1, 2, 3), keepdim=True) * chosen[:, 1, None, None, None])
+        x = torch.addcmul(other * (1 - factor), x, factor).clamp_(0, 1)  # factor x + (1 - factor) other
+        x = apply_to(x, p, hue_at[position], lambda xs, ps: adjust_hue(xs, ps[:, P["hue"]]))
     return x
 
 
-INDEX_ON_CPU = True  # apply_where's choice on a CPU (the tests compare both ways)
-
-
-def apply_where(x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor, op) -> torch.Tensor:
-    """``x`` (``N x 3 x H x W``) with ``op(images, their params)`` applied to the images where
-    ``chosen`` (``N`` bools) is true. On a CPU by indexing the chosen images (the least work);
-    on a GPU to every image, kept where chosen: indexing would make the host wait for the device
-    to count the chosen images, once per operation and view."""
-    if x.device.type == "cpu" and INDEX_ON_CPU:
-        if chosen.any():
-            x[chosen] = op(x[chosen], p[chosen])
-        return x
-    return torch.where(chosen.view(-1, 1, 1, 1), op(x, p), x)
-
-
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp_(0, 1)
-
-
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, torch.zeros_like(x), factor)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grey(x), factor)
+def apply_to(x: torch.Tensor, p: torch.Tensor, index: torch.Tensor, op) -> torch.Tensor:
+    """``x`` (``N x 3 x H x W``) with ``op(images, their params)`` applied to the images at
+    ``index`` (on ``x``'s device) and no others, in place."""
+    if len(index):
+        x.index_copy_(0, index, op(x.index_select(0, index), p.index_select(0, index)))
+    return x
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate each image's hue by ``shift`` (in turns, [-0.5, 0.5]) keeping saturation and value:
-    RGB -> HSV, ``h + shift mod 1``, HSV -> RGB."""
-    value, brightest = x.max(dim=1)
-    chroma = value - x.min(dim=1).values
-    saturation = chroma / value.clamp_min(1e-12)
+    """Rotate each image's hue by ``shift`` (``N``, in turns, [-0.5, 0.5]) keeping saturation and
+    value: RGB -> HSV, ``h + shift mod 1``, HSV -> RGB. ``N x 3 x H x W`` -> the same."""
+    value, brightest = x.max(dim=1, keepdim=True)
+    chroma = value - x.min(dim=1, keepdim=True).values  # = value x saturation
     r, g, b = x.unbind(1)
-    safe = chroma.clamp_min(1e-12)
-    sector = torch.stack([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe])  # hue x 6 by brightest channel
-    hue6 = sector.gather(0, brightest.unsqueeze(0)).squeeze(0)
-    hue = torch.where(chroma > 0, hue6 / 6, torch.zeros_like(hue6))
-    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
-    # HSV -> RGB: each channel n in (5, 3, 1) for (R, G, B) is v - v s max(0, min(k, 4 - k, 1)), k = (n + 6h) mod 6
-    channels = []
-    for n in (5, 3, 1):
-        k = torch.remainder(n + 6 * hue, 6)
-        channels.append(value - value * saturation * (torch.minimum(k, 4 - k).clamp(0, 1)))
-    return torch.stack(channels, dim=1)
-
-
-_JITTER = {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
-           "hue": adjust_hue}
+    safe = chroma.squeeze(1).clamp_min(1e-12)  # where chroma is 0 the hue is any finite number: it is multiplied by 0
+    sector = torch.stack([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], dim=1)  # 6 x hue, by brightest
+    hue6 = sector.gather(1, brightest) + 6 * shift.view(-1, 1, 1, 1)
+    # HSV -> RGB: channel n = 5, 3, 1 (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6
+    k = torch.remainder(hue6 + torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1), 6)
+    return torch.addcmul(value, chroma, torch.minimum(k, 4 - k).clamp_(0, 1), value=-1)
 
 
 def blur_kernel_size(sigma_max: float, crop_size: int) -> int:
@@ -293,13 +327,16 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tens
 def view_pipeline(cfg: TrainConfig):
     """The two halves of making a batch's views, by ``cfg.views_on``: ``(transform, finish)``.
 
-    ``transform`` runs in the data loader on each PIL image; ``finish`` runs on the training
-    device on the collated batch (a list of tensors already moved there) and returns the views.
+    ``transform`` runs in the data loader on each PIL image; ``finish(tensors, device)`` turns the
+    collated batch (a list of tensors on the host, pinned for a GPU) into the views on the
+    training device: copies that do not wait for it, then the rest of the work there.
     ``host``: ``MultiCropAugmentation`` making 8-bit views and a ``finish`` that normalises them
-    into float32 (``NormalizeImages``); ``device``: ``ViewParameters`` and ``DeviceMultiCrop``.
+    into float32 (``NormalizeImages``); ``device``: ``ViewParameters`` and ``DeviceMultiCrop``
+    (whose parameters stay on the host, where they plan the device's work).
     """
     if cfg.views_on == "device":
         make = DeviceMultiCrop(cfg)
-        return ViewParameters(cfg), lambda tensors: make(*tensors)
+        return ViewParameters(cfg), lambda tensors, device: make(tensors[0].to(device, non_blocking=True), tensors[1])
     normalize = NormalizeImages(cfg.mean, cfg.std)
-    return MultiCropAugmentation(cfg, as_uint8=True), lambda tensors: [normalize(t) for t in tensors]
+    return (MultiCropAugmentation(cfg, as_uint8=True),
+            lambda tensors, device: [normalize(t.to(device, non_blocking=True)) for t in tensors])

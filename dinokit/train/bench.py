@@ -6,8 +6,8 @@ real data pipeline (``data="pipeline"``) or on random tensors of the same shapes
 (``data="synthetic"``, the step alone). It measures
 
 - ``images_per_s``: source images per second, each with all its views (``batch_size`` per step);
-- the time split of a step: waiting for data, making the views on the device (``views_on:
-  device``), teacher forward, student forward, loss, student
+- the time split of a step: waiting for data, the views (the batch's copy to the device and its
+  normalisation; with ``views_on: device`` the crops and colours there too), teacher forward, student forward, loss, student
   backward, optimizer (clipping and AdamW), EMA, centre (milliseconds per step);
 - peak memory: the process's peak resident set size on the CPU (MiB), the CUDA caching
   allocator's ``max_memory_allocated`` on a GPU;
@@ -283,9 +283,10 @@ def measure_pipeline(cfg: TrainConfig, batches: int, workers: int = 0) -> float:
 
 def _batches(cfg: TrainConfig, data: str, workers: int, device: torch.device):
     """``(batches, finish_views)``: an endless iterator of collated batches and the function that
-    turns one, moved to ``device``, into the step's views (``views_on=device`` crops there)."""
+    turns one into the step's views on ``device`` (``finish(batch, device)``: copies it there, and
+    with ``views_on=device`` crops there)."""
     if data == "synthetic":
-        return itertools.repeat(synthetic_views(cfg, device)), lambda views: views
+        return itertools.repeat(synthetic_views(cfg, device)), lambda views, device: views
     transform, finish_views = view_pipeline(cfg)
     return (batch.views for batch in pipeline_loader(cfg, workers, device, transform)), finish_views
 
@@ -368,7 +369,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
 
     flops = None
     if count_flops:  # one eager step (before any compilation), counted as a warm-up step
-        flops = count_step_flops(state, finish_views([v.to(device) for v in next(batches)]), cfg, autocast)
+        flops = count_step_flops(state, finish_views(next(batches), device), cfg, autocast)
     state.compile(cfg.compile)
 
     timer = PhaseTimer(device)
@@ -381,9 +382,9 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
             finite.clear()
             start, cpu_start = time.perf_counter(), time.process_time()
         with timer.host("data"):
-            views = [v.to(device, non_blocking=True) for v in next(batches)]
-        with timer("views"):  # views_on=device: crops and colours on the device (else nothing)
-            views = finish_views(views)
+            batch = next(batches)
+        with timer("views"):  # the copy to the device; views_on=device: crops and colours there
+            views = finish_views(batch, device)
         t0 = time.perf_counter()
         finite.append(train_step(state, views, hp, cfg, state.student, autocast, timer=timer)["finite"])
         if i == 0:

@@ -443,7 +443,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             if any_process(not len(batch)):  # all processes step, or none (DDP would hang)
                 monitor.write(f"warning: step {step} skipped (no readable image in a batch)")
             else:
-                views = finish_views([v.to(device, non_blocking=True) for v in batch.views])
+                views = finish_views(batch.views, device)
                 metrics = train_step(state, views, hp, cfg, student, autocast)
                 skipped.record(step, metrics["finite"])
                 monitor.step(step, epoch, {**mean_over_processes(metrics), **hp}, data_wait)

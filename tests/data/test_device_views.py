@@ -11,8 +11,8 @@ from torchvision.transforms.v2 import functional as TF
 from dinokit.config import TrainConfig
 from dinokit.data import device_views
 from dinokit.data.datasets import ImageDataset, collate_views, sample_seed
-from dinokit.data.device_views import (NUM_PARAMS, P, DeviceMultiCrop, ViewParameters, adjust_hue, blur_kernel_size,
-                                       crop_and_resize, crop_boxes, gaussian_blur)
+from dinokit.data.device_views import (JITTER_OPS, NUM_PARAMS, P, DeviceMultiCrop, ViewParameters, WorkPlan, adjust_hue,
+                                       blur_kernel_size, color_jitter, crop_and_resize, crop_boxes, gaussian_blur)
 from dinokit.data.folders import BadImageError, load_rgb, scan_folder
 from dinokit.data.transforms import MultiCropAugmentation
 
@@ -149,13 +149,45 @@ def test_crop_and_resize_matches_torchvision():
     assert (upscaled[0] - TF.resized_crop(image, 0, 0, 12, 12, [24, 24], antialias=True)).abs().mean() < 0.01
 
 
+def jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """``color_jitter`` of images ``N x 3 x H x W`` by their ``N x NUM_PARAMS``, planned as ``DeviceMultiCrop`` plans."""
+    return color_jitter(images.clone(), params, WorkPlan.of_groups([params], images.device)[0].hue)
+
+
+TV_JITTER = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast, "saturation": TF.adjust_saturation,
+             "hue": TF.adjust_hue}
+
+
 @pytest.mark.parametrize("name, factor", [("brightness", 1.3), ("contrast", 0.7), ("saturation", 1.2), ("hue", 0.08),
                                           ("hue", -0.1)])
-def test_colour_operations_match_torchvision(name, factor):
+@pytest.mark.parametrize("position", [0, 3])
+def test_colour_operations_match_torchvision(name, factor, position):
+    """Each jitter operation alone (the others neutral), wherever the order puts it."""
     image = as_float(photo(1))
-    ours = getattr(device_views, f"adjust_{name}")(image[None].clone(), torch.tensor([factor]))[0]
-    reference = getattr(TF, f"adjust_{name}")(image, factor)
-    assert (ours - reference).abs().max() < 1e-4
+    params = torch.zeros(1, NUM_PARAMS)
+    params[0, [P["jitter"], P["brightness"], P["contrast"], P["saturation"]]] = 1.0
+    params[0, P[name]] = factor
+    others = [op for op in range(4) if op != JITTER_OPS.index(name)]
+    order = others[:position] + [JITTER_OPS.index(name)] + others[position:]
+    params[0, [P[f"order_{k}"] for k in range(4)]] = torch.tensor(order, dtype=torch.float32)
+    assert (jitter(image[None], params)[0] - TV_JITTER[name](image, factor)).abs().max() < 1e-4
+
+
+def test_colour_jitter_of_a_batch_follows_each_images_factors_and_order():
+    """A batch at once (the three blends of each position merged, hue on its images alone) against
+    torchvision's operations applied image by image in each image's order; images without jitter
+    unchanged."""
+    images = torch.stack([as_float(photo(i)) for i in range(16)])
+    params = sample_params(16)[:, 0]
+    params[:4, P["jitter"]], params[4:, P["jitter"]] = 0.0, 1.0
+    ours = jitter(images, params)
+    for i in range(16):
+        expected = images[i]
+        if params[i, P["jitter"]]:
+            for k in range(4):
+                name = JITTER_OPS[int(params[i, P[f"order_{k}"]])]
+                expected = TV_JITTER[name](expected, float(params[i, P[name]]))
+        assert (ours[i] - expected).abs().max() < 1e-4, i
 
 
 def test_hue_of_grey_is_unchanged_and_a_full_turn_is_identity():
@@ -220,18 +252,49 @@ def test_device_views_have_the_host_views_statistics(textures_dir):
             assert abs(stat(device[v]) - stat(host.views[v])) < 0.15, (v, stat)
 
 
-def test_masked_operations_equal_indexed_ones(monkeypatch):
-    """The GPU's way (every image transformed, kept where chosen) gives the CPU's (the chosen
-    images indexed), here both on the CPU."""
+def test_views_of_a_batch_are_each_images_views_made_alone():
+    """The views of one size are made together and the selective operations indexed: image ``i``
+    of view ``v`` still follows its own parameters alone."""
     make = ViewParameters(CFG)
     torch.manual_seed(4)
     samples = [make(photo(i)) for i in range(8)]
     canvases, params = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
-    indexed = DeviceMultiCrop(CFG)(canvases, params)
-    monkeypatch.setattr(device_views, "INDEX_ON_CPU", False)
-    masked = DeviceMultiCrop(CFG)(canvases, params)
-    for a, b in zip(indexed, masked):
-        assert (a - b).abs().max() < 1e-5
+    batch = DeviceMultiCrop(CFG)(canvases, params)
+    for i in range(8):
+        alone = DeviceMultiCrop(CFG)(canvases[i:i + 1], params[i:i + 1])
+        for v in range(len(batch)):
+            assert (batch[v][i] - alone[v][0]).abs().max() < 1e-5, (i, v)
+
+
+def test_hue_and_blur_transform_only_the_images_that_need_them(monkeypatch):
+    seen = {"hue": 0, "blur": 0}
+
+    def counted(name, op):
+        def run(x, *args):
+            seen[name] += len(x)
+            return op(x, *args)
+        return run
+
+    monkeypatch.setattr(device_views, "adjust_hue", counted("hue", device_views.adjust_hue))
+    monkeypatch.setattr(device_views, "gaussian_blur", counted("blur", device_views.gaussian_blur))
+    params = sample_params(32)
+    DeviceMultiCrop(CFG)(torch.zeros(32, 64, 64, 3, dtype=torch.uint8), params)
+    assert seen == {"hue": int(params[..., P["jitter"]].sum()), "blur": int(params[..., P["blur"]].sum())}
+    assert 0 < seen["hue"] < params.shape[0] * params.shape[1]
+
+
+def test_views_never_read_the_devices_values():
+    """On the ``meta`` device, which has shapes but no values, every op that would make the host
+    wait for a GPU to know a value (``nonzero``, ``item``, a tensor in an ``if``, boolean
+    indexing) raises: the views are made there all the same, as the parameters on the host plan
+    the work."""
+    params = sample_params(8)
+    canvases = torch.zeros(8, 64, 64, 3, dtype=torch.uint8, device="meta")
+    views = DeviceMultiCrop(CFG)(canvases, params)
+    shapes = [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 3
+    assert [(v.device.type, tuple(v.shape)) for v in views] == [("meta", shape) for shape in shapes]
+    with pytest.raises(NotImplementedError):  # what planning on the device would have run into
+        DeviceMultiCrop(CFG)(canvases, params.to("meta"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -239,7 +302,8 @@ def test_cuda_views_never_wait_for_the_gpu():
     make = ViewParameters(CFG)
     torch.manual_seed(5)
     samples = [make(photo(i)) for i in range(8)]
-    canvases, params = torch.stack([s[0] for s in samples]).cuda(), torch.stack([s[1] for s in samples]).cuda()
+    canvases = torch.stack([s[0] for s in samples]).cuda()
+    params = torch.stack([s[1] for s in samples]).pin_memory()  # as the loader hands them over
     device_views_of = DeviceMultiCrop(CFG)
     device_views_of(canvases, params)  # first call: lazy initialisation
     torch.cuda.synchronize()
@@ -257,7 +321,7 @@ def test_cuda_views_equal_cpu_views():
     samples = [make(photo(i)) for i in range(8)]
     canvases, params = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
     cpu = DeviceMultiCrop(CFG)(canvases, params)
-    cuda = DeviceMultiCrop(CFG)(canvases.cuda(), params.cuda())
+    cuda = DeviceMultiCrop(CFG)(canvases.cuda(), params)
     for a, b in zip(cpu, cuda):
         assert b.device.type == "cuda" and (a - b.cpu()).abs().max() < 1e-3
 

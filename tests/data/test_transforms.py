@@ -159,7 +159,7 @@ def test_the_training_loader_sends_8_bit_views_normalised_where_they_are_used():
     expected = MultiCropAugmentation(cfg)(image)
     assert all(v.dtype == torch.uint8 for v in small)
     assert sum(v.nbytes for v in small) * 4 == sum(v.nbytes for v in expected)
-    batched = finish([torch.stack([v, v]) for v in small])
+    batched = finish([torch.stack([v, v]) for v in small], torch.device("cpu"))
     assert all(torch.equal(b[1], e) for b, e in zip(batched, expected))
 
 
