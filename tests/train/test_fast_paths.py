@@ -196,6 +196,26 @@ def test_pipeline_batches_are_pinned_for_cuda(textures_dir):
     assert all(v.is_pinned() for v in batch.views)
 
 
+def test_a_training_step_reads_no_value_on_the_device():
+    """The step on PyTorch's ``meta`` device, which has shapes and no values: every op that would
+    make the host wait for a GPU to know a value (``item``, a tensor in an ``if``, ``nonzero``)
+    raises there. Forward, loss, backward, clipping, the optimizer's decision to step (given to a
+    fused optimizer as ``found_inf``), EMA and centre get through; the fused kernel itself has no
+    ``meta`` version and is left out. Runs everywhere; on a GPU the next test checks the same."""
+    from dinokit.train.bench import _step_hyperparameters
+    from dinokit.train.loop import train_step
+
+    device = torch.device("meta")
+    cfg = _tiny_cfg(drop_path_rate=0.1)
+    state = build_state(cfg, device)
+    for group in state.optimizer.param_groups:
+        group["fused"] = True  # as on a GPU
+    state.optimizer.step = lambda: None
+    metrics = train_step(state, _views(cfg, device), _step_hyperparameters(cfg), cfg, state.student,
+                         _autocast(cfg, device))
+    assert metrics["finite"].device.type == "meta" and state.optimizer.found_inf.device.type == "meta"
+
+
 @cuda
 def test_a_training_step_never_waits_for_the_gpu():
     from dinokit.train.bench import _step_hyperparameters
