@@ -7,8 +7,9 @@ real data pipeline (``data="pipeline"``) or on random tensors of the same shapes
 
 - ``images_per_s``: source images per second, each with all its views (``batch_size`` per step);
 - the time split of a step: waiting for data, the views (the batch's copy to the device and its
-  normalisation; with ``views_on: device`` the crops and colours there too), teacher forward, student forward, loss, student
-  backward, optimizer (clipping and AdamW), EMA, centre (milliseconds per step);
+  normalisation; with ``views_on: device`` the crops and colours there too), teacher forward,
+  student forward, loss, student backward, optimizer (clipping and AdamW), EMA, centre
+  (milliseconds per step);
 - peak memory: the process's peak resident set size on the CPU (MiB), the CUDA caching
   allocator's ``max_memory_allocated`` on a GPU;
 - model FLOPs per step (``torch.utils.flop_counter``) and their share of the device's measured
@@ -286,7 +287,7 @@ def _batches(cfg: TrainConfig, data: str, workers: int, device: torch.device):
     turns one into the step's views on ``device`` (``finish(batch, device)``: copies it there, and
     with ``views_on=device`` crops there)."""
     if data == "synthetic":
-        return itertools.repeat(synthetic_views(cfg, device)), lambda views, device: views
+        return itertools.repeat(synthetic_views(cfg, device)), lambda views, _device: views
     transform, finish_views = view_pipeline(cfg)
     return (batch.views for batch in pipeline_loader(cfg, workers, device, transform)), finish_views
 
