@@ -3,7 +3,7 @@
     python bench/device_views_cost.py [--config paper] [--batch-size 128] [--device cpu|cuda] [key=value ...]
 
 Runs ``DeviceMultiCrop`` (``dinokit/data/device_views.py``) on random canvases with parameters
-drawn as the loader draws them (for 500 x 375 px images), and prints
+drawn as the loader draws them (for 500 x 375 px images, shrunk to fit a smaller canvas), and prints
 
 - the aten ops it runs on the device per batch (the kernels a GPU launches, each with its
   launch cost on the host), beside the host's planning ops on the parameters;
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     draw = ViewParameters(cfg)
     torch.manual_seed(0)
     canvases = torch.randint(0, 256, (b, draw.canvas, draw.canvas, 3), dtype=torch.uint8, device=device)
-    params = torch.stack([draw.sample(375, 500) for _ in range(b)])
+    scale = min(1.0, draw.canvas / 500)  # a 500 x 375 image, shrunk onto the canvas as the loader shrinks it
+    params = torch.stack([draw.sample(round(375 * scale), round(500 * scale)) for _ in range(b)])
     if device.type == "cuda":
         params = params.pin_memory()  # as the training loader hands them over
     make = DeviceMultiCrop(cfg)
