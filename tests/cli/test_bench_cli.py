@@ -213,9 +213,7 @@ def test_step_profile_counts_the_flops_that_torch_counts():
     matmul, equal torch.utils.flop_counter's."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    spec = importlib.util.spec_from_file_location("step_profile", PEERS.parent / "step_profile.py")
-    step_profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_profile)
+    step_profile = _bench_script("step_profile")
     layer, x = torch.nn.Linear(6, 5), torch.randn(7, 6, requires_grad=True)
     a, b = torch.randn(3, 4, 6), torch.randn(3, 6, 2)
 
@@ -230,6 +228,34 @@ def test_step_profile_counts_the_flops_that_torch_counts():
         work()
     assert sum(timer.flop.values()) == counter.get_total_flops() == 3 * 2 * 7 * 6 * 5 + 2 * 3 * 4 * 6 * 2
     assert timer.calls["addmm 7x6 @ 6x5"] == 1 and timer.calls["bmm 3 x 4x6 @ 6x2"] == 1
+
+
+def _bench_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, PEERS.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_device_views_cost_counts_kernels_that_do_not_grow_with_the_batch_or_the_views(tmp_path, capsys):
+    """``bench/device_views_cost.py``: the views of one size go through each kernel together, so
+    with every operation drawn for some image (all probabilities 1) their count is the same for 32
+    or 128 images and 2 or 6 local views, while the traffic grows; fewer images can leave an
+    operation with none, and its kernels out."""
+    cost = _bench_script("device_views_cost")
+    always = ["flip_prob=1", "color_jitter_prob=1", "grayscale_prob=1", "blur_prob=[1,1,1]", "solarize_prob=[1,1,1]"]
+    runs = {}
+    for batch, local, probs in ((32, 2, always), (128, 2, always), (32, 6, always), (2, 2, [])):
+        folder = tmp_path / f"{batch}-{local}-{len(probs)}"
+        assert cost.main(["--config", "laptop", "--batch-size", str(batch), "--device", "cpu", "--steps", "1",
+                          "--results", str(folder), f"local_crops_number={local}", *probs]) == 0
+        runs[batch, local, bool(probs)] = json.loads(next(folder.glob("*.json")).read_text())["runs"][0]
+    assert "kernels" in capsys.readouterr().out
+    most = runs[32, 2, True]
+    assert most["kind"] == "device_views_cost" and most["host_ops"] > 0
+    more_images, more_views, fewer = runs[128, 2, True], runs[32, 6, True], runs[2, 2, False]
+    assert most["kernels"] == more_images["kernels"] == more_views["kernels"] >= fewer["kernels"]
+    assert most["traffic_bytes"] < min(more_images["traffic_bytes"], more_views["traffic_bytes"])
 
 
 def test_peers_needs_the_official_clone(tmp_path):
