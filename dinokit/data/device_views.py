@@ -180,7 +180,8 @@ class DeviceMultiCrop:
         if params.shape[1] != len(self.sizes):
             raise ValueError(f"parameters for {params.shape[1]} views, but the config makes {len(self.sizes)}")
         device, (b, c) = canvases.device, canvases.shape[:2]
-        plans = WorkPlan.of_groups([_view_major(params.cpu(), first, count) for _, first, count in self.groups], device)
+        host = params.cpu()  # once: from a device, a wait for it
+        plans = WorkPlan.of_groups([_view_major(host, first, count) for _, first, count in self.groups], device)
         params = params.to(device, non_blocking=True)
         images = torch.empty(b, 3, c, c, dtype=torch.float32, device=device)  # B x C x C x 3 -> B x 3 x C x C
         images.copy_(canvases.permute(0, 3, 1, 2)).div_(255)  # floats in [0, 1], in one pass
