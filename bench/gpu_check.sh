@@ -15,7 +15,8 @@
 #             (fp16 + GradScaler, its default) beside dinokit's, from one run
 #   pipeline  `dinokit bench` fed by the data pipeline from JPEGs of ImageNet's typical size,
 #             views made by the loader workers (the default workers, then 8), then on the GPU
-#             (views_on=device); bench/pipeline_peers.py: one core's rate beside the official code's
+#             (views_on=device), each also with overlap_views=true (the next batch's views on a side
+#             stream during the step); bench/pipeline_peers.py: one core's rate beside the official code's
 #   compile   `dinokit bench --synthetic compile=loss`, then `--compile` (backbones, heads and loss)
 #
 # Logs and results go to $OUT (the device tool's output folder) or bench/results/gpu-check;
@@ -96,7 +97,7 @@ run() {
 part_tests() {
     run tests 170 "$PY" -m pytest -q -rs -p no:cacheprovider -o addopts="" \
         tests/train/test_fast_paths.py tests/data/test_device_views.py tests/method/test_loss.py \
-        tests/method/test_teacher.py \
+        tests/method/test_teacher.py tests/data/test_prefetch.py \
         tests/train/test_distributed.py::test_torchrun_with_one_process_equals_no_launcher \
         tests/cli/test_bench_cli.py -k "cuda or gpu or compiled or pinned or device or official"
 }
@@ -146,8 +147,12 @@ print(f"{count} images of 500 x 375 px in {root}")
 EOF
     run pipeline_host 100 "$PY" -m dinokit bench --data "$images" "${WORKLOAD[@]}" "${STEPS[@]}" \
         --results "$OUT_DIR/results" views_on=host
+    run pipeline_host_overlap 100 "$PY" -m dinokit bench --data "$images" "${WORKLOAD[@]}" "${STEPS[@]}" \
+        --results "$OUT_DIR/results" views_on=host overlap_views=true  # the views on a side stream
     run pipeline_device 100 "$PY" -m dinokit bench --data "$images" "${WORKLOAD[@]}" "${STEPS[@]}" \
         --results "$OUT_DIR/results" views_on=device
+    run pipeline_device_overlap 100 "$PY" -m dinokit bench --data "$images" "${WORKLOAD[@]}" "${STEPS[@]}" \
+        --results "$OUT_DIR/results" views_on=device overlap_views=true
     run pipeline_host_8_workers 100 "$PY" -m dinokit bench --data "$images" "${WORKLOAD[@]}" "${STEPS[@]}" \
         --workers 8 --results "$OUT_DIR/results" views_on=host  # the default before it became all cores but one
     local peers=dinokit,dinokit-device

@@ -106,6 +106,8 @@ class TrainConfig(BaseModel):
     canvas_size: int | None = Field(None, ge=1, description="views_on=device: side of the square the decoded "
                                     "image is shrunk to fit before it goes to the device; None: 2 x global_crops_size "
                                     "(the paper preset: 512, ImageNet's images unshrunk)")
+    overlap_views: bool = Field(False, description="CUDA: make the next batch's views on the GPU (its copy there, "
+                                "and the crops with views_on=device) on a side stream while the step runs")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

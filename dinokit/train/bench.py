@@ -7,7 +7,8 @@ real data pipeline (``data="pipeline"``) or on random tensors of the same shapes
 
 - ``images_per_s``: source images per second, each with all its views (``batch_size`` per step);
 - the time split of a step: waiting for data, the views (the batch's copy to the device and its
-  normalisation; with ``views_on: device`` the crops and colours there too), teacher forward,
+  normalisation; with ``views_on: device`` the crops and colours there too; with
+  ``overlap_views`` on CUDA on a side stream, during the step before), teacher forward,
   student forward, loss, student backward, optimizer (clipping and AdamW), EMA, centre
   (milliseconds per step);
 - peak memory: the process's peak resident set size on the CPU (MiB), the CUDA caching
@@ -45,6 +46,7 @@ from dinokit.data.datasets import ImageDataset, collate_views, prefetch_factor
 from dinokit.data.folders import DataError, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.data.device_views import view_pipeline
+from dinokit.data.prefetch import ReadyBatch, views_on_device
 from dinokit.train.distributed import cpu_has_amx, resolve_device
 from dinokit.train.host_memory import use_memory_policy
 from dinokit.train.loop import _autocast, _num_workers, build_state, loader_worker_init, train_step
@@ -59,7 +61,7 @@ class PhaseTimer:
 
     On the CPU a block is timed with ``perf_counter``. On CUDA a pair of events is recorded on the
     current stream (GPU time, no host synchronisation); ``seconds()`` synchronises once and adds
-    them up. ``host(name)`` always times on the host: use it for waiting on the data loader.
+    them up. ``add(name, seconds)`` adds a time measured on the host (waiting for the loader).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -70,8 +72,9 @@ class PhaseTimer:
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         if not self.cuda:
-            with self.host(name):
-                yield
+            start = time.perf_counter()
+            yield
+            self.add(name, time.perf_counter() - start)
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -79,11 +82,8 @@ class PhaseTimer:
         end.record()
         self._events.append((name, start, end))
 
-    @contextlib.contextmanager
-    def host(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.totals[name] += time.perf_counter() - start
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] += seconds
 
     def seconds(self) -> dict[str, float]:
         """Total seconds per phase so far."""
@@ -227,7 +227,8 @@ def describe_workload(cfg: TrainConfig, data: str, device: torch.device, workers
     return {"arch": cfg.arch, "patch_size": cfg.patch_size, "batch_size": cfg.batch_size, "views": views,
             "out_dim": cfg.out_dim, "head_hidden_dim": cfg.head_hidden_dim, "precision": precision,
             "compile": cfg.compile, "grad_checkpointing": cfg.grad_checkpointing,
-            "data": data if data == "synthetic" else str(resolve_data(cfg.data)), "workers": workers}
+            "data": data if data == "synthetic" else str(resolve_data(cfg.data)), "workers": workers,
+            "overlap_views": cfg.overlap_views and device.type == "cuda" and data != "synthetic"}
 
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -282,14 +283,22 @@ def measure_pipeline(cfg: TrainConfig, batches: int, workers: int = 0) -> float:
         del it
 
 
-def _batches(cfg: TrainConfig, data: str, workers: int, device: torch.device):
-    """``(batches, finish_views)``: an endless iterator of collated batches and the function that
-    turns one into the step's views on ``device`` (``finish(batch, device)``: copies it there, and
-    with ``views_on=device`` crops there)."""
+def _batches(cfg: TrainConfig, data: str, workers: int, device: torch.device,
+             timer: PhaseTimer) -> Iterator[ReadyBatch]:
+    """An endless iterator of ``ReadyBatch``: the step's views on ``device``, made as ``dinokit
+    train`` makes them (``views_on_device``: on CUDA with ``overlap_views`` on a side stream while
+    the previous step runs) and timed as the ``views`` phase: the copy to the device, and with
+    ``views_on=device`` the crops there. Synthetic views are made on the device once."""
     if data == "synthetic":
-        return itertools.repeat(synthetic_views(cfg, device)), lambda views, _device: views
+        views = synthetic_views(cfg, device)
+        return views_on_device(itertools.repeat(views), lambda _: views, device, overlap=False)
     transform, finish_views = view_pipeline(cfg)
-    return (batch.views for batch in pipeline_loader(cfg, workers, device, transform)), finish_views
+
+    def finish(batch) -> list[torch.Tensor]:
+        with timer("views"):
+            return finish_views(batch.views, device)
+
+    return views_on_device(pipeline_loader(cfg, workers, device, transform), finish, device, cfg.overlap_views)
 
 
 def _step_hyperparameters(cfg: TrainConfig) -> dict[str, float]:
@@ -361,7 +370,8 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         torch.cuda.set_device(device)
     load_before = load_average()
     workers = 0 if data == "synthetic" else _num_workers(cfg, device)
-    batches, finish_views = _batches(cfg, data, workers, device)  # first: a bad data folder fails fast
+    timer = PhaseTimer(device)
+    batches = _batches(cfg, data, workers, device, timer)  # first: a bad data folder fails fast
     kept = use_memory_policy(cfg.keep_freed_memory, device)
     torch.manual_seed(cfg.seed)
     state = build_state(cfg, device)
@@ -370,10 +380,9 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
 
     flops = None
     if count_flops:  # one eager step (before any compilation), counted as a warm-up step
-        flops = count_step_flops(state, finish_views(next(batches), device), cfg, autocast)
+        flops = count_step_flops(state, next(batches).views, cfg, autocast)
     state.compile(cfg.compile)
 
-    timer = PhaseTimer(device)
     finite: list[torch.Tensor] = []  # per timed step, on the device: read once at the end
     first_step_s = 0.0
     for i in range(warmup + steps):
@@ -382,12 +391,10 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
             timer.reset()
             finite.clear()
             start, cpu_start = time.perf_counter(), time.process_time()
-        with timer.host("data"):
-            batch = next(batches)
-        with timer("views"):  # the copy to the device; views_on=device: crops and colours there
-            views = finish_views(batch, device)
+        batch = next(batches)  # with overlap_views on CUDA, the next batch's views are queued first
+        timer.add("data", batch.data_wait_s)
         t0 = time.perf_counter()
-        finite.append(train_step(state, views, hp, cfg, state.student, autocast, timer=timer)["finite"])
+        finite.append(train_step(state, batch.views, hp, cfg, state.student, autocast, timer=timer)["finite"])
         if i == 0:
             synchronize(device)
             first_step_s = time.perf_counter() - t0
@@ -471,7 +478,9 @@ def format_result(result: BenchResult) -> str:
     ]
     for name in PHASES:
         ms = result.phases_ms[name]
-        lines.append(f"    {name:<16} {ms:10.1f} ms  {100 * ms / result.step_ms:5.1f}%")
+        side = name == "views" and w.get("overlap_views")
+        lines.append(f"    {name:<16} {ms:10.1f} ms  {100 * ms / result.step_ms:5.1f}%"
+                     f"{'  (on a side stream, while the step before runs)' if side else ''}")
     kind = "peak RSS" if result.memory_kind == "peak_rss" else "peak CUDA memory allocated"
     if result.memory_kind == "peak_rss":
         kind += "; freed memory kept for the next step" if w.get("keep_freed_memory") else "; freed memory returned"

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,7 @@ from dinokit.data.folders import DataError, ImageList, scan_folder, split_train_
 from dinokit.data.public import resolve_data
 from dinokit.data.sampler import TrainingSampler
 from dinokit.data.device_views import view_pipeline
+from dinokit.data.prefetch import views_on_device
 from dinokit.eval.knn import knn_evaluate
 from dinokit.method.loss import DINOLoss
 from dinokit.method.schedules import Schedules
@@ -428,9 +428,9 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     skipped = _SkippedSteps(cfg.max_nonfinite_steps, monitor.write, ckpt_path)
     interrupted = False
     with _StopSignal() as stop, StallWatch(monitor.write) as stall:
-        waited_since = time.perf_counter()
-        for batch in loader:
-            data_wait = time.perf_counter() - waited_since
+        ready = views_on_device(loader, lambda batch: finish_views(batch.views, device) if len(batch) else None,
+                                device, cfg.overlap_views)
+        for batch, views, data_wait in ready:
             stall.tick()
             step = state.step
             epoch = step // steps_per_epoch
@@ -443,7 +443,6 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             if any_process(not len(batch)):  # all processes step, or none (DDP would hang)
                 monitor.write(f"warning: step {step} skipped (no readable image in a batch)")
             else:
-                views = finish_views(batch.views, device)
                 metrics = train_step(state, views, hp, cfg, student, autocast)
                 skipped.record(step, metrics["finite"])
                 monitor.step(step, epoch, {**mean_over_processes(metrics), **hp}, data_wait)
@@ -473,7 +472,6 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                     checkpoint()
                 break
             stall.tick()  # k-NN and checkpoints above are not waiting for data
-            waited_since = time.perf_counter()
 
     skipped.check()
     if not interrupted and knn.enabled and "final" not in knn.results:
