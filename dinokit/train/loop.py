@@ -427,9 +427,9 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     bad_in_epoch, seen_in_epoch = 0, 0
     skipped = _SkippedSteps(cfg.max_nonfinite_steps, monitor.write, ckpt_path)
     interrupted = False
-    with _StopSignal() as stop, StallWatch(monitor.write) as stall:
-        ready = views_on_device(loader, lambda batch: finish_views(batch.views, device) if len(batch) else None,
-                                device, cfg.overlap_views)
+    ready = views_on_device(loader, lambda batch: finish_views(batch.views, device) if len(batch) else None,
+                            device, cfg.overlap_views)
+    with _StopSignal() as stop, StallWatch(monitor.write) as stall, contextlib.closing(ready):  # closed: workers end
         for batch, views, data_wait in ready:
             stall.tick()
             step = state.step
