@@ -73,6 +73,9 @@ def test_missing_cuda_is_one_line():
     assert result.exit_code == 2 and "CUDA" in result.output
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
 def _peers(*args, tmp_path, script: Path = PEERS):
     tiny = ["--patch-size", "8", "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--batch-size", "2",
             "--out-dim", "64", "--steps", "1", "--warmup", "1", "--threads", "1", "--results", str(tmp_path)]
@@ -258,12 +261,25 @@ def test_device_views_cost_counts_kernels_that_do_not_grow_with_the_batch_or_the
     assert most["traffic_bytes"] < min(more_images["traffic_bytes"], more_views["traffic_bytes"])
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_peers_dinokit_step_stops_on_a_non_finite_loss(monkeypatch, device):
+    """On a CPU at the step itself; on a GPU by the time ``log_every`` (10) steps have run, as
+    ``dinokit train`` reads its flags (the step alone never waits for the GPU)."""
+    peers = _bench_script("peers")
+    w = peers.workload(peers.parse_args(["--patch-size", "8", "--global-size", "16", "--local-size", "8",
+                                         "--local-crops", "2", "--batch-size", "2", "--out-dim", "64",
+                                         "--device", device]))
+    views_for = peers.views_for
+    monkeypatch.setattr(peers, "views_for", lambda w: [v * float("inf") for v in views_for(w)])
+    step = peers.build_dinokit(w, "auto", "off")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        for _ in range(1 if device == "cpu" else 10):
+            step()
+
+
 def test_peers_needs_the_official_clone(tmp_path):
     proc = _peers("--only", "official", "--official-dino", tmp_path, tmp_path=tmp_path)
     assert proc.returncode != 0 and "facebookresearch/dino" in proc.stderr
-
-
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
 
 
 @pytest.mark.skipif(not os.environ.get("DINOKIT_OFFICIAL_DINO"),
