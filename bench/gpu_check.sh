@@ -10,7 +10,9 @@
 #   bench     `dinokit bench --synthetic`: the paper's ViT-S/16 step (2 x 224 + 10 x 96 px views,
 #             K = 65536, batch 128, bf16): images/s, time split, peak memory, MFU; then with
 #             grad_checkpointing=true; then bench/device_views_cost.py: the kernels, memory traffic
-#             and time of making those views on the GPU (views_on=device)
+#             and time of making those views on the GPU (views_on=device); then bench/gpu_profile.py:
+#             the GPU's busy and idle time per step, its kernels by kind and the host's time to issue
+#             a step, for dinokit and the official code
 #   peers     bench/peers.py --device cuda: the same step through the official DINO code
 #             (fp16 + GradScaler, its default) beside dinokit's, from one run
 #   pipeline  `dinokit bench` fed by the data pipeline from JPEGs of ImageNet's typical size,
@@ -108,6 +110,12 @@ part_bench() {
         --results "$OUT_DIR/results" grad_checkpointing=true  # peak memory and images/s, recomputing the blocks
     run device_views_cost 40 "$PY" bench/device_views_cost.py "${VIEWS_BATCH[@]}" --device "$DEVICE" \
         --results "$OUT_DIR/results"
+    if [ "$DEVICE" = cuda ]; then  # the GPU's busy and idle time per step, kernels by kind, the host's time
+        run gpu_profile 90 "$PY" bench/gpu_profile.py "${PAPER[@]}" --only "dinokit${OFFICIAL_DINO:+,official}" \
+            ${OFFICIAL_DINO:+--official-dino "$OFFICIAL_DINO"} --steps 5 --warmup 3 --results "$OUT_DIR/results"
+    else
+        echo "=== gpu_profile: skipped, no CUDA GPU" >>"$SUMMARY"
+    fi
 }
 
 part_peers() {

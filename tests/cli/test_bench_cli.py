@@ -277,6 +277,41 @@ def test_peers_dinokit_step_stops_on_a_non_finite_loss(monkeypatch, device):
             step()
 
 
+def test_gpu_profile_counts_overlapping_kernels_once_and_sorts_them_by_kind():
+    gpu_profile = _bench_script("gpu_profile")
+    assert gpu_profile.busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)]) == 4.0
+    assert gpu_profile.busy_seconds([]) == 0.0
+    kinds = {name: gpu_profile.kernel_kind(name) for name in (
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "ampere_bf16_s16816gemm_bf16_128x64",
+        "cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm>", "pytorch_flash::flash_fwd_kernel<Flash_fwd>",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "Memcpy HtoD (Pinned -> Device)", "Memset (Device)",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>")}
+    assert list(kinds.values()) == ["matmul"] * 3 + ["attention"] * 2 + ["copy"] * 3 + ["other"] * 2
+    summary = gpu_profile.summarise([("gemm_a", 0.0, 2.0), ("gelu", 1.0, 3.0), ("gemm_a", 4.0, 6.0)], steps=2, top=1)
+    assert summary["busy_s"] == 2.5 and summary["kernels"] == 1.5
+    assert summary["kinds_s"] == {"matmul": 2.0, "attention": 0.0, "copy": 0.0, "other": 1.0}
+    assert summary["longest_s"] == {"gemm_a": 2.0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_profile_without_a_gpu_is_one_line(tmp_path):
+    proc = _peers("--only", "dinokit", tmp_path=tmp_path, script=PEERS.parent / "gpu_profile.py")
+    assert proc.returncode != 0 and "profiles a CUDA GPU" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_profile_splits_a_cuda_step(tmp_path):
+    proc = _peers("--only", "dinokit", "--device", "cuda", tmp_path=tmp_path, script=PEERS.parent / "gpu_profile.py")
+    assert proc.returncode == 0, proc.stderr
+    assert "GPU busy" in proc.stdout and "by kind: matmul" in proc.stdout
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())["runs"][0]["results"]["dinokit"]
+    assert 0 < result["busy_s"] <= result["step_s"] * 1.1 and result["kernels"] > 100
+    assert result["kinds_s"]["matmul"] > 0 and result["host_s"] > 0
+
+
 def test_peers_needs_the_official_clone(tmp_path):
     proc = _peers("--only", "official", "--official-dino", tmp_path, tmp_path=tmp_path)
     assert proc.returncode != 0 and "facebookresearch/dino" in proc.stderr
