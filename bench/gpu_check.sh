@@ -97,7 +97,7 @@ run() {
 }
 
 part_tests() {
-    run tests 170 "$PY" -m pytest -q -rs -p no:cacheprovider -o addopts="" \
+    run tests 200 "$PY" -m pytest -q -rs -p no:cacheprovider -o addopts="" \
         tests/train/test_fast_paths.py tests/data/test_device_views.py tests/method/test_loss.py \
         tests/method/test_teacher.py tests/data/test_prefetch.py \
         tests/train/test_distributed.py::test_torchrun_with_one_process_equals_no_launcher \
