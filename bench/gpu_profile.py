@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402  (bench/peers.py: the workload and each implementation's step)
 
-from dinokit.train.bench import describe_machine, save_result, synchronize  # noqa: E402
+from dinokit.train.bench import (busy_seconds, describe_machine, device_activities, save_result,  # noqa: E402
+                                 synchronize)
 
 #: Kernel name patterns of each kind, tried in this order; the rest is "other".
 KINDS = (
@@ -51,24 +52,6 @@ def kernel_kind(name: str) -> str:
         if pattern.search(name):
             return kind
     return "other"
-
-
-def busy_seconds(intervals: list[tuple[float, float]]) -> float:
-    """The length of the union of ``(start, end)`` intervals (seconds): overlapping ones count once."""
-    busy, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            busy += end - max(start, reach)
-            reach = end
-    return busy
-
-
-def device_activities(prof) -> list[tuple[str, float, float]]:
-    """``(name, start_s, end_s)`` of every CUDA kernel, copy and memset that ``prof`` (a finished
-    ``torch.profiler.profile``) recorded."""
-    cuda = torch.autograd.DeviceType.CUDA
-    return [(e.name(), e.start_ns() / 1e9, (e.start_ns() + e.duration_ns()) / 1e9)
-            for e in prof.profiler.kineto_results.events() if e.device_type() == cuda and e.duration_ns() > 0]
 
 
 def summarise(activities: list[tuple[str, float, float]], steps: int, top: int) -> dict:

@@ -15,6 +15,9 @@ real data pipeline (``data="pipeline"``) or on random tensors of the same shapes
   allocator's ``max_memory_allocated`` on a GPU;
 - model FLOPs per step (``torch.utils.flop_counter``) and their share of the device's measured
   matmul rate (bf16 on GPU, the step's precision on the CPU): the MFU;
+- on a GPU, its busy time per step (``torch.profiler``: the union of its kernels', copies' and
+  memsets' intervals over a few more steps) as a share of the step: the rest it was idle,
+  waiting for the host (Python's dispatch) or for the data;
 - the data pipeline alone: decode + multi-crop images per second on one core.
 
 Phases are timed with ``time.perf_counter`` on the CPU and with CUDA events on a GPU (no
@@ -118,6 +121,7 @@ class BenchResult:
     matmul_tflops: float | None = None  # the device's measured matmul rate (dtype in workload)
     mfu: float | None = None
     bf16_matmul_speedup: float | None = None  # CPU, fp32 step: the measured bf16 matmul rate over the fp32 one
+    gpu_busy: float | None = None  # CUDA: the share of the step's wall time the GPU was busy
     data_images_per_s_per_core: float | None = None
     load_average: tuple[float, float] | None = None  # the machine's 1-minute load, before and after
 
@@ -201,6 +205,38 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int | None = Non
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` intervals (seconds): overlapping ones count once."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
+def device_activities(prof) -> list[tuple[str, float, float]]:
+    """``(name, start_s, end_s)`` of every CUDA kernel, copy and memset that ``prof`` (a finished
+    ``torch.profiler.profile``) recorded."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return [(e.name(), e.start_ns() / 1e9, (e.start_ns() + e.duration_ns()) / 1e9)
+            for e in prof.profiler.kineto_results.events() if e.device_type() == cuda and e.duration_ns() > 0]
+
+
+def gpu_busy_seconds(step, steps: int, device: torch.device) -> float:
+    """GPU seconds busy per ``step()`` (kernels, copies, memsets; streams that overlap count once),
+    over ``steps`` calls under ``torch.profiler``. Compare it with the step's time measured without
+    the profiler, which slows the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    return busy_seconds([(start, end) for _, start, end in device_activities(prof)]) / steps
 
 
 # --- the workload ----------------------------------------------------------------------------
@@ -402,6 +438,12 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     phases = timer.seconds()
     memory, memory_kind = peak_memory(device)
+    busy = None
+    if device.type == "cuda":
+        def step() -> None:
+            train_step(state, next(batches).views, hp, cfg, state.student, autocast)
+
+        busy = gpu_busy_seconds(step, min(steps, 5), device) / (elapsed / steps)
 
     matmul = mfu = bf16_speedup = None
     dtype = torch.bfloat16 if device.type == "cuda" else _autocast_dtype(cfg, device)
@@ -429,6 +471,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         matmul_tflops=matmul / 1e12 if matmul else None,
         mfu=mfu,
         bf16_matmul_speedup=bf16_speedup,
+        gpu_busy=busy,
         data_images_per_s_per_core=per_core,
         load_average=(load_before, load_average()),
     )
@@ -489,6 +532,9 @@ def format_result(result: BenchResult) -> str:
         lines.append(f"  model FLOPs        {result.flops_per_step / 1e9:10.1f} GFLOP/step; MFU {100 * result.mfu:.1f}% "
                      f"of the measured {w['precision'] if m.get('gpu') is None else 'bf16'} matmul rate "
                      f"({result.matmul_tflops:.2f} TFLOP/s)")
+    if result.gpu_busy is not None:
+        lines.append(f"  GPU busy           {100 * result.gpu_busy:10.1f} % of the step (the rest it waited for the "
+                     "host: Python's dispatch, or the data)")
     if result.data_images_per_s_per_core is not None:
         cores_needed = result.images_per_s / result.data_images_per_s_per_core
         lines.append(f"  data pipeline      {result.data_images_per_s_per_core:10.1f} images/s per core "

@@ -89,12 +89,20 @@ def test_run_bench_on_synthetic_views():
     assert (w["views"], w["precision"], w["data"], w["workers"]) == ("2x16px + 2x8px", "fp32", "synthetic", 0)
     assert result.machine["cores"] >= 1 and result.machine["torch"] == torch.__version__
     assert result.bf16_matmul_speedup > 0  # measured on a CPU for an fp32 step: does bf16 pay here?
+    assert result.gpu_busy is None
     text = bench.format_result(result)
     for phrase in ("images/s", "teacher_forward", "peak RSS", "MFU"):
         assert phrase in text
+    busy = bench.format_result(dataclasses.replace(result, gpu_busy=0.8)).split("GPU busy")
+    assert "GPU busy" not in text and len(busy) == 2 and busy[1].split()[:4] == ["80.0", "%", "of", "the"]
     faster = bench.format_result(dataclasses.replace(result, bf16_matmul_speedup=2.5))
     slower = bench.format_result(dataclasses.replace(result, bf16_matmul_speedup=0.5))
     assert "bf16 2.5x as fast as fp32" in faster and "bf16" not in slower.split("MFU")[1]
+
+
+def test_busy_time_counts_overlapping_intervals_once():
+    assert bench.busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)]) == 4.0
+    assert bench.busy_seconds([(3.0, 4.0), (0.0, 1.0)]) == 2.0 and bench.busy_seconds([]) == 0.0
 
 
 @pytest.mark.parametrize("batch_size", [2, 7])

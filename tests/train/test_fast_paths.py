@@ -186,6 +186,7 @@ def test_cuda_phase_timer_and_mfu():
     assert all(result.phases_ms[p] > 0 for p in ("teacher_forward", "student_forward", "backward", "optimizer"))
     assert result.memory_kind == "cuda_max_memory_allocated" and result.peak_memory_mib > 0
     assert 0 < result.mfu < 1
+    assert 0 < result.gpu_busy <= 1.1  # per step under the profiler, over the step's time without it
 
 
 @cuda
