@@ -443,7 +443,10 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         def step() -> None:
             train_step(state, next(batches).views, hp, cfg, state.student, autocast)
 
-        busy = gpu_busy_seconds(step, min(steps, 5), device) / (elapsed / steps)
+        try:  # a diagnostic: a profiler that cannot trace here (CUPTI) leaves it out, not the run
+            busy = gpu_busy_seconds(step, min(steps, 5), device) / (elapsed / steps) or None
+        except RuntimeError as err:
+            print(f"dinokit bench: GPU busy time not measured ({err})", file=sys.stderr)
 
     matmul = mfu = bf16_speedup = None
     dtype = torch.bfloat16 if device.type == "cuda" else _autocast_dtype(cfg, device)
