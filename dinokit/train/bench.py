@@ -438,7 +438,14 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     phases = timer.seconds()
     memory, memory_kind = peak_memory(device)
-    busy = None
+    matmul = mfu = bf16_speedup = None
+    dtype = torch.bfloat16 if device.type == "cuda" else _autocast_dtype(cfg, device)
+    if flops:
+        matmul = matmul_rate(device, dtype)
+        mfu = flops * steps / elapsed / matmul
+    if device.type == "cpu" and dtype == torch.float32:  # would --precision bf16 pay here?
+        bf16_speedup = matmul_rate(device, torch.bfloat16) / (matmul or matmul_rate(device, torch.float32))
+    busy = None  # after the matmul rates, which the profiler cannot slow then
     if device.type == "cuda":
         def step() -> None:
             train_step(state, next(batches).views, hp, cfg, state.student, autocast)
@@ -448,13 +455,6 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         except RuntimeError as err:
             print(f"dinokit bench: GPU busy time not measured ({err})", file=sys.stderr)
 
-    matmul = mfu = bf16_speedup = None
-    dtype = torch.bfloat16 if device.type == "cuda" else _autocast_dtype(cfg, device)
-    if flops:
-        matmul = matmul_rate(device, dtype)
-        mfu = flops * steps / elapsed / matmul
-    if device.type == "cpu" and dtype == torch.float32:  # would --precision bf16 pay here?
-        bf16_speedup = matmul_rate(device, torch.bfloat16) / (matmul or matmul_rate(device, torch.float32))
     per_core = None
     if measure_data:
         per_core = measure_pipeline(cfg, batches=2 if device.type == "cpu" else 4, workers=0)
