@@ -98,6 +98,29 @@ def _interrupt_at(monkeypatch, stop_step: int) -> None:
     monkeypatch.setattr(loop, "train_step", step_then_signal)
 
 
+def test_the_loop_takes_its_views_from_views_on_device_and_closes_it(textures_dir, tmp_path, monkeypatch):
+    """``overlap_views`` reaches ``views_on_device``, whose iterator (holding the loader's) is
+    closed when the loop ends."""
+    calls = []
+    real = loop.views_on_device
+
+    class Spy:
+        def __init__(self, *args):
+            self.batches = real(*args)
+            calls.append(args[-1])
+
+        def __iter__(self):
+            return self.batches
+
+        def close(self):
+            calls.append("closed")
+            self.batches.close()
+
+    monkeypatch.setattr(loop, "views_on_device", Spy)
+    assert train(tiny_config(textures_dir, tmp_path / "run", epochs=1, overlap_views=True)).steps == 64 // 8
+    assert calls == [True, "closed"]
+
+
 def test_stopped_and_resumed_run_matches_uninterrupted_run(textures_dir, tmp_path, monkeypatch):
     reference = tiny_config(textures_dir, tmp_path / "straight")
     train(reference)
