@@ -55,6 +55,7 @@ from dinokit.train.host_memory import use_memory_policy
 from dinokit.train.loop import _autocast, _num_workers, build_state, loader_worker_init, train_step
 
 BF16_HINT_SPEEDUP = 1.3  # the bf16 / fp32 matmul rate above which the report suggests bf16 on a CPU
+VIEWS_HINT_SHARE = 0.03  # the share of a GPU step the views take above which the report suggests overlap_views
 PHASES = ("data", "views", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "ema", "centre")
 DATA_MODES = ("pipeline", "synthetic")
 
@@ -549,6 +550,10 @@ def format_result(result: BenchResult) -> str:
     if (result.bf16_matmul_speedup or 0) > BF16_HINT_SPEEDUP:
         lines.append(f"  hint: this CPU multiplies bf16 {result.bf16_matmul_speedup:.1f}x as fast as fp32 (measured); "
                      "--precision bf16 may pay")
+    views_share = result.phases_ms["views"] / result.step_ms
+    if m.get("gpu") and w["data"] != "synthetic" and not w.get("overlap_views") and views_share > VIEWS_HINT_SHARE:
+        lines.append(f"  hint: the views take {100 * views_share:.0f}% of the step on the GPU; overlap_views=true makes "
+                     "the next batch's views during the step, on a side stream")
     if result.skipped_steps:
         lines.append(f"  warning: {result.skipped_steps} steps skipped (non-finite loss or gradient)")
     return "\n".join(lines)

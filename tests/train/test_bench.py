@@ -100,6 +100,23 @@ def test_run_bench_on_synthetic_views():
     assert "bf16 2.5x as fast as fp32" in faster and "bf16" not in slower.split("MFU")[1]
 
 
+def test_the_report_suggests_overlapping_views_that_take_a_share_of_a_gpu_step():
+    result = bench.run_bench(_cfg(), steps=1, warmup=1, data="synthetic", measure_data=False, count_flops=False)
+    gpu = {**result.machine, "gpu": "NVIDIA H100 80GB HBM3"}
+    piped = {**result.workload, "data": "/data/imagenet"}
+
+    def report(views_ms: float, workload: dict, machine: dict = gpu) -> str:
+        phases = {**result.phases_ms, "views": views_ms}
+        return bench.format_result(dataclasses.replace(result, machine=machine, workload=workload, phases_ms=phases,
+                                                       step_ms=100.0))
+
+    assert "overlap_views=true" in report(10.0, piped) and "take 10% of the step" in report(10.0, piped)
+    assert "overlap_views" not in report(1.0, piped)  # a small share
+    assert "overlap_views=true" not in report(10.0, {**piped, "overlap_views": True})  # already on
+    assert "overlap_views" not in report(10.0, result.workload)  # synthetic views: no pipeline
+    assert "overlap_views" not in report(10.0, piped, result.machine)  # a CPU has no side stream
+
+
 def test_busy_time_counts_overlapping_intervals_once():
     assert bench.busy_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)]) == 4.0
     assert bench.busy_seconds([(3.0, 4.0), (0.0, 1.0)]) == 2.0 and bench.busy_seconds([]) == 0.0
