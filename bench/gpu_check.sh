@@ -22,15 +22,19 @@
 #   compile   `dinokit bench --synthetic compile=loss`, then `--compile` (backbones, heads and loss)
 #
 # Logs and results go to $OUT (the device tool's output folder) or bench/results/gpu-check;
-# a summary of every part is printed last.
+# each part's summary (its status and last lines) is printed as it ends, and the statuses again last.
+# On a lent machine, run a part or two per call (`bench` first): a call that stops answering
+# returns nothing at all (2026-12-05: all four parts in one 590 s call, 643 s of device time, nothing back).
 #
 # Environment:
 #   OFFICIAL_DINO  a checkout of github.com/facebookresearch/dino [default: .official-dino if present]
 #   WHEELS         a folder of wheels installed first, for a machine without a package index
 #                  (pydantic and its needs) [default: .whl if present; empty: none]. Made with:
 #                    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#                      --platform manylinux_2_17_x86_64 -d .whl pydantic pydantic_core annotated-types \
-#                      typing-inspection typing_extensions
+#                      --platform manylinux_2_17_x86_64 -d .whl pydantic annotated-types typing-inspection \
+#                      typing_extensions "pydantic-core==$(unzip -p .whl/pydantic-*.whl '*/METADATA' |
+#                      sed -n 's/^Requires-Dist: pydantic-core==//p')"   (the version pydantic pins; run
+#                      the first download without it, then this one)
 #   BUDGET         seconds for all parts together [default: 540]; each part's limit is cut to what is left
 #   SMOKE=1        tiny workloads on whatever device there is: checks this script itself on a CPU
 set -uo pipefail
@@ -82,7 +86,7 @@ run() {
     start=$(date +%s)
     left=$((DEADLINE - start))
     if [ "$left" -lt 20 ]; then
-        echo "=== $name: skipped, ${left} s of BUDGET left" | tee -a "$LOG" >>"$SUMMARY"
+        echo "=== $name: skipped, ${left} s of BUDGET left" | tee -a "$LOG" "$SUMMARY"
         return
     fi
     [ "$left" -lt "$limit" ] && limit=$left
@@ -93,7 +97,7 @@ run() {
     {
         echo "=== $name: exit $rc after $(($(date +%s) - start)) s (limit $limit s)"
         grep -v -E '^\s*$|Warning|warn\(' "$OUT_DIR/tmp/$name.log" | tail -n "${TAIL:-22}"
-    } >>"$SUMMARY"
+    } | tee -a "$SUMMARY"  # printed as each part ends: a command cut off later still shows the parts before
 }
 
 part_tests() {
@@ -182,7 +186,7 @@ part_compile() {
     "$PY" -c "import torch, torchvision, timm, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
     echo "cores: $(nproc)"
-} 2>&1 | tee -a "$LOG" >>"$SUMMARY"
+} 2>&1 | tee -a "$LOG" "$SUMMARY"
 
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests bench peers pipeline compile)
@@ -194,4 +198,5 @@ for part in "${parts[@]}"; do
     fi
 done
 rm -rf "$OUT_DIR/tmp"
-cat "$SUMMARY"
+echo "=== all parts:"
+grep '^=== ' "$SUMMARY"
