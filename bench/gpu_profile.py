@@ -68,28 +68,15 @@ def summarise(activities: list[tuple[str, float, float]], steps: int, top: int) 
 
 
 def profile_step(step, steps: int, warmup: int, device: torch.device, top: int) -> dict:
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    wall = (time.perf_counter() - start) / steps
+    timed = peers.time_steps(step, steps, warmup, device)
     host = []
     for _ in range(steps):
         synchronize(device)
         start = time.perf_counter()
         step()
         host.append(time.perf_counter() - start)
-    synchronize(device)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        synchronize(device)
-    return {"step_s": wall, "host_s": statistics.median(host), **summarise(device_activities(prof), steps, top)}
+    return {"step_s": timed["step_s"], "host_s": statistics.median(host),
+            **summarise(device_activities(step, steps, device), steps, top)}
 
 
 def main(argv: list[str] | None = None) -> int:

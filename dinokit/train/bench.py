@@ -218,26 +218,24 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return busy
 
 
-def device_activities(prof) -> list[tuple[str, float, float]]:
-    """``(name, start_s, end_s)`` of every CUDA kernel, copy and memset that ``prof`` (a finished
-    ``torch.profiler.profile``) recorded."""
+def device_activities(step, steps: int, device: torch.device) -> list[tuple[str, float, float]]:
+    """``(name, start_s, end_s)`` of every CUDA kernel, copy and memset of ``steps`` calls of
+    ``step()``, recorded by ``torch.profiler`` (which slows the host: time the step without it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
     cuda = torch.autograd.DeviceType.CUDA
     return [(e.name(), e.start_ns() / 1e9, (e.start_ns() + e.duration_ns()) / 1e9)
             for e in prof.profiler.kineto_results.events() if e.device_type() == cuda and e.duration_ns() > 0]
 
 
 def gpu_busy_seconds(step, steps: int, device: torch.device) -> float:
-    """GPU seconds busy per ``step()`` (kernels, copies, memsets; streams that overlap count once),
-    over ``steps`` calls under ``torch.profiler``. Compare it with the step's time measured without
-    the profiler, which slows the host."""
-    from torch.profiler import ProfilerActivity, profile
-
-    synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        synchronize(device)
-    return busy_seconds([(start, end) for _, start, end in device_activities(prof)]) / steps
+    """GPU seconds busy per ``step()`` (kernels, copies, memsets; streams that overlap count once)."""
+    return busy_seconds([(start, end) for _, start, end in device_activities(step, steps, device)]) / steps
 
 
 # --- the workload ----------------------------------------------------------------------------
