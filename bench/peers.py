@@ -23,7 +23,8 @@ CPU (``keep_freed_memory``: malloc keeps what a step frees), the peers as they a
 ``--keep-freed-memory all`` gives them the same setting (the step's code alone compared).
 Prints images/s, process CPU time per step (the fair measure when other programs share the
 cores), peak memory and dinokit's ratio to each peer; appends the results to
-``bench/results/<machine>-<date>.json``. ``--interleave`` runs them all in one process
+``<results>/<machine>-<date>.json`` (``--results``, default ``bench/results`` under the working
+directory). ``--interleave`` runs them all in one process
 instead, taking turns step by step, so that a machine whose speed drifts slows them alike: steadier
 ratios of speed, but no peak memory of each.
 
@@ -332,28 +333,31 @@ def build_parser(description: str = __doc__.split("\n\n")[0]) -> argparse.Argume
     p.add_argument("--official-dino", type=Path, help="checkout of github.com/facebookresearch/dino")
     p.add_argument("--only", default="dinokit,official,lightly",
                    help="comma-separated, from " + ", ".join(IMPLEMENTATIONS) + " [default: dinokit,official,lightly]")
-    p.add_argument("--arch", default="vit_tiny", choices=("vit_tiny", "vit_small", "vit_base"))
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--global-size", type=int, default=32)
-    p.add_argument("--local-size", type=int, default=16)
-    p.add_argument("--local-crops", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out-dim", type=int, default=65536, help="K, the same for all")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--arch", default="vit_tiny", choices=("vit_tiny", "vit_small", "vit_base"),
+                   help="[default: %(default)s]")
+    p.add_argument("--patch-size", type=int, default=4, help="[default: %(default)s]")
+    p.add_argument("--global-size", type=int, default=32, help="side of the 2 global views (px) [default: %(default)s]")
+    p.add_argument("--local-size", type=int, default=16, help="side of the local views (px) [default: %(default)s]")
+    p.add_argument("--local-crops", type=int, default=6, help="number of local views [default: %(default)s]")
+    p.add_argument("--batch-size", type=int, default=64, help="[default: %(default)s]")
+    p.add_argument("--out-dim", type=int, default=65536, help="K, the same for all [default: %(default)s]")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per implementation [default: %(default)s]")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them [default: %(default)s]")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the implementations this many times, in alternating order, and take the median: "
-                        "fairer where other programs share the cores")
+                        "fairer where other programs share the cores [default: %(default)s]")
     p.add_argument("--interleave", action="store_true",
                    help="run all implementations in one process, taking turns step by step: steadier ratios on a "
                         "shared machine; peak memory is then not per implementation and is not reported")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads per implementation [default: %(default)s, torch's on this machine]")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N [default: cpu]")
     p.add_argument("--keep-freed-memory", choices=("dinokit", "all", "none"), default=None,
                    help="which implementations run with glibc's malloc keeping freed memory for the next step, as "
                         "dinokit train does on a CPU (dinokit/train/host_memory.py): dinokit, all (the step's code "
                         "alone compared), none [default: dinokit; all with --interleave, one process]")
-    p.add_argument("--results", default="bench/results", help="folder of the results files")
+    p.add_argument("--results", default="bench/results",
+                   help="folder of the results files, relative to the working directory [default: %(default)s]")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     return p
@@ -367,7 +371,23 @@ PRECISION = {"cpu": "fp32 (dinokit-bf16: bf16 autocast)",
              "cuda": "each its own: dinokit bf16 autocast, official fp16 autocast + GradScaler, lightly bf16 autocast"}
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Exit with one line on a device this machine cannot run or counts below 1, before any work."""
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        kind = None
+    if kind not in PRECISION:
+        sys.exit(f"--device {args.device}: choose cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: this machine has no CUDA GPU")
+    small = [name for name in ("steps", "warmup", "rounds") if getattr(args, name, 1) < 1]
+    if small:
+        sys.exit(f"{' and '.join('--' + name for name in small)} must be at least 1")
+
+
 def workload(args: argparse.Namespace) -> dict:
+    check_args(args)
     kind = torch.device(args.device).type
     keep = args.keep_freed_memory or ("all" if getattr(args, "interleave", False) else "dinokit")
     if keep == "dinokit" and getattr(args, "interleave", False):
@@ -406,10 +426,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = chosen(args.only, IMPLEMENTATIONS)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"--device {args.device}: this machine has no CUDA GPU")
-    if device.type not in PRECISION:
-        sys.exit(f"--device {args.device}: choose cpu or cuda")
     if "official" in names:
         require_official_clone(args.official_dino)
 

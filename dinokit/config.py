@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class TrainConfig(BaseModel):
     """Every setting of a DINO pretraining run. Defaults are the paper's recipe."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # --- run -------------------------------------------------------------------------------
     data: str | None = Field(None, description="image folder (searched recursively); None: the built-in textures data set")
@@ -59,46 +59,46 @@ class TrainConfig(BaseModel):
     patch_size: int = Field(16, ge=1, description="ViT patch size in pixels")
     drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0, description="stochastic depth of the student's last block")
     out_dim: int = Field(65536, ge=2, description="K, the number of prototypes of the DINO head")
-    head_hidden_dim: int = Field(2048, ge=1)
-    head_bottleneck_dim: int = Field(256, ge=1)
+    head_hidden_dim: int = Field(2048, ge=1, description="width of the head's hidden layers")
+    head_bottleneck_dim: int = Field(256, ge=1, description="width of the normalised bottleneck before the K prototypes")
     head_layers: int = Field(3, ge=1, description="linear layers of the head's MLP")
     norm_last_layer: bool = Field(True, description="fix the weight-norm gain of the head's last layer at 1")
 
     # --- loss and teacher ------------------------------------------------------------------
-    student_temp: float = Field(0.1, gt=0.0)
-    warmup_teacher_temp: float = Field(0.04, gt=0.0)
-    teacher_temp: float = Field(0.07, gt=0.0)
-    warmup_teacher_temp_epochs: float = Field(30, ge=0.0)
-    center_momentum: float = Field(0.9, ge=0.0, le=1.0)
+    student_temp: float = Field(0.1, gt=0.0, description="softmax temperature of the student's outputs")
+    warmup_teacher_temp: float = Field(0.04, gt=0.0, description="teacher temperature at the start; linear to teacher_temp")
+    teacher_temp: float = Field(0.07, gt=0.0, description="teacher temperature after the warm-up")
+    warmup_teacher_temp_epochs: float = Field(30, ge=0.0, description="epochs of the teacher temperature's warm-up")
+    center_momentum: float = Field(0.9, ge=0.0, le=1.0, description="EMA momentum of the centre of the teacher's outputs")
     momentum_teacher: float = Field(0.996, ge=0.0, le=1.0, description="EMA momentum at the start; cosine to the final one")
-    momentum_teacher_final: float = Field(1.0, ge=0.0, le=1.0)
+    momentum_teacher_final: float = Field(1.0, ge=0.0, le=1.0, description="EMA momentum at the end")
 
     # --- optimisation ----------------------------------------------------------------------
-    epochs: int = Field(100, ge=1)
+    epochs: int = Field(100, ge=1, description="passes over the training images")
     batch_size: int = Field(64, ge=1, description="global batch: source images per step over all processes")
     lr: float = Field(0.0005, ge=0.0, description="peak lr for a batch of 256; scaled by batch_size / 256")
-    min_lr: float = Field(1e-6, ge=0.0)
-    warmup_epochs: float = Field(10, ge=0.0)
-    weight_decay: float = Field(0.04, ge=0.0)
-    weight_decay_end: float = Field(0.4, ge=0.0)
+    min_lr: float = Field(1e-6, ge=0.0, description="lr at the end of the cosine schedule")
+    warmup_epochs: float = Field(10, ge=0.0, description="epochs of linear lr warm-up from 0")
+    weight_decay: float = Field(0.04, ge=0.0, description="AdamW weight decay at the start; cosine to weight_decay_end")
+    weight_decay_end: float = Field(0.4, ge=0.0, description="weight decay at the end")
     clip_grad: float = Field(3.0, ge=0.0, description="per-parameter gradient norm limit; 0 disables")
     freeze_last_layer: float = Field(1, ge=0.0, description="epochs during which the head's last layer is frozen")
 
     # --- views (multi-crop) ----------------------------------------------------------------
-    global_crops_size: int = Field(224, ge=1)
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_number: int = Field(8, ge=0)
-    local_crops_size: int = Field(96, ge=1)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
-    color_jitter_prob: float = Field(0.8, ge=0.0, le=1.0)
-    brightness: float = Field(0.4, ge=0.0)
-    contrast: float = Field(0.4, ge=0.0)
-    saturation: float = Field(0.2, ge=0.0)
-    hue: float = Field(0.1, ge=0.0, le=0.5)
-    grayscale_prob: float = Field(0.2, ge=0.0, le=1.0)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    global_crops_size: int = Field(224, ge=1, description="side of the 2 global views in pixels")
+    global_crops_scale: tuple[float, float] = Field((0.4, 1.0), description="area share range of the global crops")
+    local_crops_number: int = Field(8, ge=0, description="local views per image (student only)")
+    local_crops_size: int = Field(96, ge=1, description="side of the local views in pixels")
+    local_crops_scale: tuple[float, float] = Field((0.05, 0.4), description="area share range of the local crops")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="aspect ratio range (width / height) of every crop")
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    color_jitter_prob: float = Field(0.8, ge=0.0, le=1.0, description="probability of the colour jitter")
+    brightness: float = Field(0.4, ge=0.0, description="colour jitter: brightness factor range 1 +- this")
+    contrast: float = Field(0.4, ge=0.0, description="colour jitter: contrast factor range 1 +- this")
+    saturation: float = Field(0.2, ge=0.0, description="colour jitter: saturation factor range 1 +- this")
+    hue: float = Field(0.1, ge=0.0, le=0.5, description="colour jitter: hue shift range +- this, in turns")
+    grayscale_prob: float = Field(0.2, ge=0.0, le=1.0, description="probability of greyscale")
+    blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="Gaussian blur sigma range in pixels")
     blur_prob: tuple[float, float, float] = Field((1.0, 0.1, 0.5), description="global 1, global 2, local")
     solarize_prob: tuple[float, float, float] = Field((0.0, 0.2, 0.0), description="global 1, global 2, local")
     views_on: Literal["host", "device"] = Field("host", description="where the views are made: host (data loader "
@@ -108,8 +108,8 @@ class TrainConfig(BaseModel):
                                     "(the paper preset: 512, ImageNet's images unshrunk)")
     overlap_views: bool = Field(False, description="CUDA: make the next batch's views on the GPU (its copy there, "
                                 "and the crops with views_on=device) on a side stream while the step runs")
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="per-channel mean subtracted from the views (RGB, 0..1)")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="per-channel standard deviation the views are divided by")
 
     # --- data policy -----------------------------------------------------------------------
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0, description="stop when more of an epoch's images fail to load")
@@ -117,10 +117,10 @@ class TrainConfig(BaseModel):
     # --- monitoring, evaluation and checkpoints --------------------------------------------
     log_every: int = Field(10, ge=1, description="steps between progress-bar and TensorBoard updates")
     knn_every: int = Field(0, ge=0, description="epochs between k-NN evaluations (0: only before and after training)")
-    knn_k: tuple[int, ...] = (10, 20, 100, 200)
-    knn_temperature: float = Field(0.07, gt=0.0)
+    knn_k: tuple[int, ...] = Field((10, 20, 100, 200), description="neighbour counts of the k-NN evaluations")
+    knn_temperature: float = Field(0.07, gt=0.0, description="temperature of the k-NN votes")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of labelled images held out for k-NN")
-    eval_batch_size: int = Field(256, ge=1)
+    eval_batch_size: int = Field(256, ge=1, description="images per batch of the k-NN feature extraction")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: every epoch only)")
     keep_checkpoints: int = Field(1, ge=0, description="epoch checkpoints kept besides the latest")
     max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
@@ -207,6 +207,10 @@ def load_yaml(source: str | Path) -> dict[str, Any]:
         path = PRESET_DIR / f"{source}.yaml"
     if not path.exists():
         raise ConfigError(f"config {source!r}: no such file and no such preset (presets: {', '.join(presets())})")
+    if path.is_dir():
+        hint = (f"; it holds a run: resume it with --out {path}, or start a new run from its settings with "
+                f"--config {path / 'config.yaml'}") if (path / "config.yaml").is_file() else ""
+        raise ConfigError(f"config {path} is a folder, not a YAML file{hint}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -217,24 +221,45 @@ def load_yaml(source: str | Path) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["epochs=300", "knn_k=[10,20]"]`` -> ``{"epochs": 300, "knn_k": [10, 20]}`` (values read as YAML)."""
+    """``["epochs=300", "knn_k=[10,20]"]`` -> ``{"epochs": 300, "knn_k": [10, 20]}`` (``parse_setting``)."""
     result: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        result[key.strip().replace("-", "_")] = parse_value(raw)
+        key = key.strip().replace("-", "_")
+        result[key] = parse_setting(key, raw)
     return result
 
 
+def parse_setting(key: str, raw: str) -> Any:
+    """A command-line value of setting ``key``, the same as ``--key VALUE`` or ``key=VALUE``: a
+    text setting keeps the text (``data=2024`` is a folder named 2024; ``none`` or ``null``
+    clears an optional one), a list setting takes comma-separated items (``0.3,1.0``, or one: ``knn_k=20``), and the
+    rest is read as YAML (``0.07`` -> float, ``[1,2]`` -> list, ``none`` -> None)."""
+    field = TrainConfig.model_fields.get(key)
+    annotation = field.annotation if field is not None else None
+    if annotation in (str, str | None):
+        return None if annotation != str and raw.strip().lower() in ("none", "null") else raw
+    if get_origin(annotation) not in (list, tuple):
+        return parse_value(raw)
+    value = parse_value(raw if raw.strip().startswith("[") else f"[{raw}]")  # 0.3,1.0 or a single 5
+    return value if isinstance(value, list) else raw
+
+
 def parse_value(raw: str) -> Any:
-    """A command-line value read as YAML: ``0.07`` -> float, ``[1,2]`` -> list, ``none`` -> None."""
+    """A value read as YAML: ``0.07`` and ``1e-3`` -> float, ``[1,2]`` -> list, ``none`` -> None."""
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
     if isinstance(value, str) and value.lower() in ("none", "null"):
         return None
+    if isinstance(value, str):
+        try:
+            return float(value)  # 1e-3, which YAML 1.1 reads as text
+        except ValueError:
+            return value
     return raw if value is None and raw.strip() else value
 
 

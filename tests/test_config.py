@@ -1,6 +1,6 @@
 import pytest
 
-from dinokit.config import ConfigError, TrainConfig, parse_overrides, presets
+from dinokit.config import ConfigError, TrainConfig, parse_overrides, parse_setting, presets
 
 
 def test_defaults_are_the_recipe():
@@ -65,3 +65,42 @@ def test_missing_config_file_is_a_clear_error():
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["epochs"])
+
+
+@pytest.mark.parametrize("key, raw, value", [
+    ("data", "2024", "2024"),                          # a text setting keeps the text: a folder named 2024
+    ("data", "trip, 2023", "trip, 2023"),
+    ("out", "no", "no"),
+    ("data", "null", None),                            # clears an optional text setting
+    ("global_crops_scale", "0.3,1.0", [0.3, 1.0]),     # a list setting: comma-separated
+    ("knn_k", "20", [20]),                             # ... or one item
+    ("knn_k", "[5, 10]", [5, 10]),
+    ("epochs", "3", 3),
+    ("lr", "1e-3", 1e-3),
+])
+def test_command_line_values_are_read_by_the_settings_type(key, raw, value):
+    assert parse_setting(key, raw) == value
+    assert parse_overrides([f"{key}={raw}"]) == {key: value}
+
+
+def test_settings_from_the_command_line_validate():
+    cfg = TrainConfig.build(None, parse_overrides(["data=2024", "global_crops_scale=0.3,1.0", "knn_k=20"]))
+    assert cfg.data == "2024" and cfg.global_crops_scale == (0.3, 1.0) and cfg.knn_k == (20,)
+
+
+@pytest.mark.parametrize("raw", ["inf", "nan", "-inf"])
+def test_non_finite_numbers_are_refused(raw):
+    with pytest.raises(ConfigError, match="lr.*finite"):
+        TrainConfig.build(None, parse_overrides([f"lr={raw}"]))
+
+
+def test_a_folder_as_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file$"):
+        TrainConfig.build(tmp_path)
+    TrainConfig().to_yaml(tmp_path / "config.yaml")  # a run folder: the error says how to resume or reuse it
+    with pytest.raises(ConfigError, match=f"resume it with --out {tmp_path}"):
+        TrainConfig.build(tmp_path)
+
+
+def test_every_setting_is_described():
+    assert [k for k, f in TrainConfig.model_fields.items() if not f.description] == []

@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from dinokit.config import ConfigError, TrainConfig, parse_overrides, parse_value, presets
+from dinokit.config import ConfigError, TrainConfig, parse_overrides, parse_setting, presets
 
 DEFAULT_PRESET = "laptop"
 
@@ -46,25 +46,25 @@ def friendly_errors(fn):
 
 
 def _config_options(fn):
-    """One ``--field-name`` option per TrainConfig field (values read as YAML, validated by the config)."""
+    """One ``--field-name`` option per TrainConfig field (values read by ``parse_setting``, validated by
+    the config); the defaults shown are the recipe's, before a preset or a run's config.yaml."""
     for name, field in reversed(list(TrainConfig.model_fields.items())):
         help_text = (field.description or "").replace("%", "%%")
         default = field.default
+        shown = ",".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in default) \
+            if isinstance(default, tuple) else default  # as typed: 0.4,1.0
         fn = click.option(f"--{name.replace('_', '-')}", name, default=None, metavar="VALUE",
-                          help=f"{help_text} [default: {default}]".strip())(fn)
+                          help=f"{help_text} [default: {shown}]".strip())(fn)
     return fn
-
-
-def _cli_value(raw: str) -> Any:
-    if "," in raw and not raw.strip().startswith("["):
-        raw = f"[{raw}]"
-    return parse_value(raw)
 
 
 def build_train_config(config: str | None, flags: dict[str, str | None], overrides: tuple[str, ...]) -> TrainConfig:
     """Defaults <- preset/YAML (or the run folder's saved config when resuming) <- flags <- key=value."""
-    values = {k: _cli_value(v) for k, v in flags.items() if v is not None}
-    values.update(parse_overrides(list(overrides)))
+    values = {k: parse_setting(k, v) for k, v in flags.items() if v is not None}
+    for key, value in parse_overrides(list(overrides)).items():
+        if key in values and values[key] != value:
+            raise ConfigError(f"{key} given twice, as --{key.replace('_', '-')} {flags[key]} and {key}={value}")
+        values[key] = value
     base: str | Path | None = config
     if base is None:
         out = Path(values.get("out", TrainConfig.model_fields["out"].default))
@@ -93,6 +93,9 @@ def train(config: str | None, overrides: tuple[str, ...], **flags: str | None) -
 
     With no arguments: the built-in textures data and the laptop preset, a few minutes on a CPU.
     Running again with the same --out resumes the run where it stopped.
+
+    The defaults below are the DINO recipe's; --config (a preset or YAML file) or, when resuming,
+    the run folder's config.yaml changes them. Every setting is also KEY=VALUE.
     """
     from dinokit.train.loop import train as run_training
 
@@ -101,11 +104,12 @@ def train(config: str | None, overrides: tuple[str, ...], **flags: str | None) -
     if not result.main:  # another process of a distributed run: the main one reports
         sys.exit(128 + int(result.stop_signal or 0) if result.interrupted else 0)
     if result.interrupted:
-        click.echo(f"dinokit: stopped at step {result.steps}; checkpoint saved. Resume with: "
-                   f"dinokit train --out {result.out}", err=True)
+        again = ("the same launcher command again" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                 else f"dinokit train --out {result.out}")
+        click.echo(f"dinokit: stopped at step {result.steps}; checkpoint saved. Resume with: {again}", err=True)
         sys.exit(128 + int(result.stop_signal or 0))
     _print_knn_summary(result.knn)
-    click.echo(f"dinokit: done, {result.steps} steps; run folder {result.out}")
+    click.echo(f"dinokit: done, {result.steps} step{'s' * (result.steps != 1)}; run folder {result.out}")
 
 
 def _print_knn_summary(results: dict) -> None:

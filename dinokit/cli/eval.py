@@ -17,6 +17,8 @@ import click
 
 from dinokit.cli import UserError, friendly_errors, main
 
+MIN_POINTS = 4  # the fewest rows a 2-D projection is drawn of (dinokit.eval.embed.plot_embeddings)
+
 SOURCE_HELP = ("run folder, checkpoint or export file (ours or official DINO), official name (dino_vits16, ...), "
                "or a baseline: 'pixels' (the image itself) or 'random:<arch>[/<patch>]' (untrained, e.g. "
                "random:vit_tiny/4)")
@@ -56,9 +58,9 @@ def _source_options(fn):
                      help="evaluation crop in pixels [default: the checkpoint's global_crops_size, else 224]"),
         click.option("--arch", default=None, help="architecture of a bare state dict (default: inferred)"),
         click.option("--patch-size", type=int, default=None, help="ViT patch size of a bare state dict"),
-        click.option("--batch-size", type=int, default=256, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps"),
-        click.option("--num-workers", type=int, default=None,
+        click.option("--num-workers", type=click.IntRange(min=0), default=None,
                      help="image loading processes [default: 0 on a CPU; on a GPU the cores of this process's "
                           "share but one, at most 32]"),
         click.option("--weights", type=click.Path(), default=None, help="local copy of an official name's file"),
@@ -91,10 +93,12 @@ def _open(checkpoint: str, which: str, arch: str | None, patch_size: int | None,
     """The feature source and the evaluation crop size, checked against the patch size."""
     from dinokit.eval.features import open_source
 
+    if image_size is not None and image_size < 1:  # checked before the weights are read
+        raise UserError(f"--image-size must be positive, got {image_size}")
     source = open_source(checkpoint, which, arch, patch_size, trust, seed, weights)
     if out_dir is not None:
         source.home = Path(out_dir)
-    size = image_size or source.image_size
+    size = source.image_size if image_size is None else image_size
     if size < 1:
         raise UserError(f"--image-size must be positive, got {size}")
     source.check_image_size(size)
@@ -222,8 +226,8 @@ def linear(checkpoint, which, image_size, arch, patch_size, batch_size, device, 
     """Linear-probe accuracy of frozen features (the DINO protocol: SGD, cosine lr, best and last epoch)."""
     from dinokit.eval.linear import linear_probe
 
-    if epochs < 1 or lr <= 0 or batch_size < 1:
-        raise UserError("--epochs and --batch-size must be at least 1 and --lr positive")
+    if epochs < 1 or lr <= 0:
+        raise UserError("--epochs must be at least 1 and --lr positive")
     start = time.perf_counter()
     source, size = _open(checkpoint, which, arch, patch_size, weights, trust_checkpoint, image_size, out_dir, seed)
     train, test, split = _labelled_data(train_data, test_data, val_fraction, seed)
@@ -257,11 +261,13 @@ def embed(checkpoint, which, image_size, arch, patch_size, batch_size, device, n
           data, out) -> None:
     """Write one feature row per image (with its path and label) to an .npz, .pt or .parquet file."""
     from dinokit.data.folders import scan_folder
-    from dinokit.eval.embed import FORMATS, embed_images
+    from dinokit.eval.embed import check_writable, embed_images
     from dinokit.extras import MissingExtraError
 
-    if Path(out).suffix.lower() not in FORMATS:
-        raise UserError(f"--out {out}: the file name must end in {', '.join(FORMATS)}")
+    try:  # before any work: the name and the packages its format needs
+        check_writable(out)
+    except (ValueError, MissingExtraError) as err:
+        raise UserError(f"--out {out}: {err}") from None
     start = time.perf_counter()
     source, size = _open(checkpoint, which, arch, patch_size, weights, trust_checkpoint, image_size)
     images = scan_folder(data)
@@ -276,16 +282,18 @@ def embed(checkpoint, which, image_size, arch, patch_size, batch_size, device, n
     except MissingExtraError as err:
         raise UserError(str(err)) from None
     skipped = len(images) - len(embeddings)
+    seconds = time.perf_counter() - start
     click.echo(f"dinokit: wrote {len(embeddings)} embeddings of {embeddings.features.shape[1]} dimensions"
-               f"{' with labels' if embeddings.labels is not None else ''} to {out}"
-               f"{f' ({skipped} unreadable files skipped)' if skipped else ''} ({time.perf_counter() - start:.0f} s)")
+               f"{' with labels' if embeddings.labels is not None else ''} to {out} ({seconds:.0f} s"
+               f"{f'; {skipped} unreadable file(s) skipped' if skipped else ''})")
 
 
 @main.command("plot-embeddings")
 @click.argument("embeddings_file", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="image file to write (.png, .pdf, .svg)")
 @click.option("--method", type=click.Choice(["tsne", "umap", "pca"]), default="tsne", show_default=True)
-@click.option("--max-points", type=int, default=5000, show_default=True, help="plot a random subset of this size")
+@click.option("--max-points", type=click.IntRange(min=MIN_POINTS), default=5000, show_default=True,
+              help="plot a random subset of this size")
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
 def plot_embeddings_command(embeddings_file, out, method, max_points, seed) -> None:

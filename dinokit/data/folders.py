@@ -14,8 +14,10 @@ gives the same pixels of a plain JPEG as a ``3 x H x W`` uint8 tensor, without P
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,16 +74,17 @@ class ImageList:
             )
 
 
-def scan_folder(root: str | Path) -> ImageList:
-    """Every image under ``root`` (recursive, extensions case-insensitive), sorted by path."""
+def scan_folder(root: str | Path, skip: str | Path | None = None) -> ImageList:
+    """Every image under ``root`` (recursive, extensions case-insensitive), sorted by path.
+    Folders linked into it are followed (each real folder once); hidden files and folders
+    (``.thumbs``, ``.ipynb_checkpoints``) and the folder ``skip`` (a run folder inside the data)
+    are left out."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder")
-    paths = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-    )
+    paths = sorted(_image_files(root, Path(skip).resolve() if skip is not None else None))
     if not paths:
         raise DataError(f"data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
     tops = [p.relative_to(root).parts for p in paths]
@@ -90,6 +93,21 @@ def scan_folder(root: str | Path) -> ImageList:
     classes = sorted({parts[0] for parts in tops})
     index = {name: i for i, name in enumerate(classes)}
     return ImageList(root, paths, [index[parts[0]] for parts in tops], classes)
+
+
+def _image_files(root: Path, skip: Path | None) -> Iterator[Path]:
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen or (skip is not None and Path(real) == skip):  # a link loop, or the run folder
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in files:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                yield path
 
 
 def split_train_val(images: ImageList, val_fraction: float, seed: int = 0) -> tuple[ImageList, ImageList]:

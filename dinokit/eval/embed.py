@@ -27,8 +27,20 @@ from dinokit.eval.features import Features, cached_features
 from dinokit.extras import require
 
 FORMATS = (".npz", ".pt", ".parquet")
+MIN_ROWS = 4  # the fewest rows a 2-D projection is drawn of
 METHOD_NAMES = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}
 METHODS = tuple(METHOD_NAMES)
+
+
+def check_writable(path: str | Path) -> None:
+    """Before computing anything: a ``ValueError`` when the name of ``path`` ends in none of
+    ``FORMATS``, a ``MissingExtraError`` when its format needs packages that are not installed."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"the file name must end in {', '.join(FORMATS)}")
+    if suffix == ".parquet":
+        require("pandas", "pandas", "embed")
+        require("pyarrow", "pyarrow", "embed")
 
 
 @dataclass
@@ -111,6 +123,10 @@ def project_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.
     """
     if method not in METHODS:
         raise ValueError(f"unknown projection {method!r}; use one of {', '.join(METHODS)}")
+    bad = int((~np.isfinite(features).all(axis=1)).sum())
+    if bad:
+        raise ValueError(f"{bad} of the {len(features)} rows hold NaN or infinite features (a diverged network?); "
+                         f"they have no place in a projection")
     x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     if method == "umap":
         umap = require("umap", "umap-learn", "embed")
@@ -128,14 +144,17 @@ def project_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.
 
 def plot_embeddings(embeddings: Embeddings, out: str | Path, method: str = "tsne", max_points: int = 5000,
                     seed: int = 0, title: str | None = None) -> Path:
-    """Draw a 2-D projection of (at most ``max_points`` randomly chosen) rows, coloured by label."""
+    """Draw a 2-D projection of (at most ``max_points`` randomly chosen) rows, coloured by label,
+    into ``out``; a name without a suffix gets ``.png``. Returns the path written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if len(embeddings) < 4:
-        raise ValueError(f"a 2-D projection needs at least 4 rows, the file has {len(embeddings)}")
+    if len(embeddings) < MIN_ROWS:
+        raise ValueError(f"a 2-D projection needs at least {MIN_ROWS} rows, the file has {len(embeddings)}")
+    if max_points < MIN_ROWS:
+        raise ValueError(f"max_points must be at least {MIN_ROWS}, got {max_points}")
     rows = np.arange(len(embeddings))
     if len(rows) > max_points:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_points, replace=False))
@@ -158,6 +177,8 @@ def plot_embeddings(embeddings: Embeddings, out: str | Path, method: str = "tsne
     ax.set_yticks([])
     ax.set_title(title or f"{METHOD_NAMES[method]} of {len(rows)} embeddings")
     out = Path(out)
+    if not out.suffix:  # what matplotlib would write: say so
+        out = out.with_name(f"{out.name}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")
     plt.close(fig)

@@ -4,9 +4,10 @@
 resize to 256/224 of the crop, centre crop) and returns a ``Features`` of ``N x D`` float32
 CPU features for the N images that decoded (unreadable files are skipped and listed).
 ``cached_features`` keys that result by the weights, the feature kind, the crop and the file
-list, so the same evaluation twice computes it once. ``open_source`` turns what a user names
-(a run folder, a checkpoint file, ``pixels`` or ``random:<arch>[/<patch>]``) into a backbone,
-its evaluation defaults and the folder its results and cache go to.
+list (each file's size and modification time included), so the same evaluation twice computes
+it once. ``open_source`` turns what a user names (a run folder, a checkpoint file, ``pixels`` or
+``random:<arch>[/<patch>]``) into a backbone, its evaluation defaults and the folder its results
+and cache go to.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     """``extract_features`` cached in ``cache_dir/<kind>-<key>.pt``.
 
     The key is a fingerprint of ``cache_tag`` (what identifies the weights), ``kind`` (which
-    feature of the backbone, e.g. ``cls``), the crop size, the normalisation and the file list;
+    feature of the backbone, e.g. ``cls``), the crop size, the normalisation and the file list
+    with each file's size and modification time (an image replaced in place makes a new key);
     without ``cache_dir`` or ``cache_tag`` nothing is cached. ``kwargs`` go to ``extract_features``.
 
     Under a launcher (``env``, a ``DistEnv`` of several processes, called on every process) each
@@ -118,7 +120,7 @@ def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     std = tuple(float(s) for s in (std if std is not None else IMAGENET_STD))
     cache = None
     if cache_dir is not None and cache_tag is not None:
-        key = fingerprint(cache_tag, kind, crop_size, mean, std, [str(p) for p in images.paths])
+        key = fingerprint(cache_tag, kind, crop_size, mean, std, [_file_version(p) for p in images.paths])
         cache = Path(cache_dir) / f"{kind}-{key}.pt"
     if env is None or not env.distributed:
         return extract_features(backbone, images, crop_size, mean, std, cache=cache, **kwargs)
@@ -130,6 +132,15 @@ def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     if features is not None and cache is not None:
         features.save(cache)
     return features
+
+
+def _file_version(path: str | Path) -> tuple[str, int, int]:
+    """``(path, size in bytes, modification time in ns)``; ``-1`` for a file that cannot be read."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return str(path), -1, -1
+    return str(path), stat.st_size, stat.st_mtime_ns
 
 
 def check_label_sets(train_images: ImageList, test_images: ImageList, what: str) -> None:

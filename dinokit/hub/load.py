@@ -201,10 +201,17 @@ def resolve_source(source: str | Path, weights: str | Path | None = None) -> tup
         raise CheckpointError(f"{path} holds neither a training checkpoint ({LATEST}) nor an exported "
                               f"backbone ({' or '.join(EXPORT_WEIGHTS)})")
     if not path.exists():
+        if _looks_like_path(str(source)):
+            raise CheckpointError(f"{path}: no such file or folder")
         typo = close_name(str(source))
         hint = f"did you mean {typo!r}?" if typo else f"official backbones by name: {', '.join(OFFICIAL)}"
         raise CheckpointError(f"no checkpoint, run folder or official name {str(source)!r} ({hint})")
     return path, {}
+
+
+def _looks_like_path(text: str) -> bool:
+    """Whether ``text`` names a file rather than a word (an official name): a folder part or a suffix."""
+    return "/" in text or "\\" in text or bool(Path(text).suffix)
 
 
 def _saved_metadata(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -228,12 +235,19 @@ def open_backbone(source: str | Path, arch: str | None = None, patch_size: int |
     """The backbone of ``source`` (see the module doc) with its architecture and normalisation.
 
     ``arch``/``patch_size`` override what the file says; ``which`` picks the teacher or the
-    student of a training checkpoint; ``trust`` allows full unpickling (only for files you trust).
+    student of a training checkpoint (``"student"`` is refused for a file holding one network);
+    ``trust`` allows full unpickling (only for files you trust). An official name's file
+    (``weights``) must hold that name's architecture and patch size.
     """
     if str(source).startswith("random:"):
         return open_untrained(str(source), patch_size=patch_size)
     path, meta = resolve_source(source, weights)
+    named = dict(meta)  # what an official name says: its file must hold that network
     ckpt = read_weights(path, trust)
+    if which == "student" and not isinstance(ckpt.get("student"), dict):
+        held = "only the teacher" if isinstance(ckpt.get("teacher"), dict) else \
+            "one network (a backbone, not a training checkpoint with a student and a teacher)"
+        raise CheckpointError(f"{path} holds {held}: which='student' (--which student) needs a training checkpoint")
     state = drop_classifier(backbone_state(ckpt, which))
     meta.update(_saved_metadata(ckpt, path))
     try:
@@ -242,6 +256,10 @@ def open_backbone(source: str | Path, arch: str | None = None, patch_size: int |
         if arch is None and "arch" not in meta:
             raise
         inferred = {}
+    if named and inferred and (inferred["arch"], inferred["patch_size"]) != (named["arch"], named["patch_size"]):
+        theirs, ours = (f"{d['arch']}/{d['patch_size']}" if d["patch_size"] else d["arch"] for d in (inferred, named))
+        raise CheckpointError(f"{path} holds a {theirs}, but {source} is a {ours}; give the file of {source} "
+                              f"or the name that fits the file")
     arch = arch or meta.get("arch") or inferred["arch"]
     patch_size = patch_size or inferred.get("patch_size") or meta.get("patch_size") or 16
     if inferred.get("patch_size") and patch_size != inferred["patch_size"]:

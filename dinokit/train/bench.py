@@ -266,6 +266,14 @@ def describe_workload(cfg: TrainConfig, data: str, device: torch.device, workers
             "overlap_views": cfg.overlap_views and device.type == "cuda" and data != "synthetic"}
 
 
+def describe_pipeline(cfg: TrainConfig, workers: int) -> dict:
+    """The workload of the data pipeline alone (``dinokit bench --data-only``): no model, precision
+    or compilation takes part."""
+    views = " + ".join(f"{n}x{s}px" for n, s in view_shapes(cfg))
+    return {"batch_size": cfg.batch_size, "views": views, "views_on": cfg.views_on,
+            "data": str(resolve_data(cfg.data)), "workers": workers}
+
+
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     autocast = _autocast(cfg, device)
     return autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
@@ -297,18 +305,33 @@ def pipeline_loader(cfg: TrainConfig, workers: int, device: torch.device, transf
                       prefetch_factor=prefetch_factor(workers), drop_last=True, worker_init_fn=loader_worker_init(cfg))
 
 
-def measure_pipeline(cfg: TrainConfig, batches: int, workers: int = 0) -> float:
-    """Images per second of the data pipeline alone (each image with all its views).
+def pipeline_batches(batches: int, warmup: int, workers: int) -> tuple[int, int]:
+    """(timed, untimed) batches for ``measure_pipeline``: with workers, at least one untimed batch
+    per worker (every worker started) and at least 4 times the batches they make ahead
+    (``prefetch_factor``) timed, so that those made before the clock started count for a quarter
+    at most; a few batches alone would time the workers' start or their head start."""
+    if batches < 1 or warmup < 1:
+        raise ConfigError("steps and warmup must be at least 1")
+    if workers:
+        return max(batches, 4 * workers * prefetch_factor(workers)), max(warmup, workers)
+    return batches, warmup
+
+
+def measure_pipeline(cfg: TrainConfig, batches: int, workers: int = 0, warmup: int = 1) -> float:
+    """Images per second of the data pipeline alone (each image with all its views), over
+    ``batches`` batches after ``warmup`` untimed ones (with workers, at least ``pipeline_batches``).
 
     ``workers=0`` decodes and crops in this process on one thread: the rate per core.
     """
+    batches, warmup = pipeline_batches(batches, warmup, workers)
     loader = pipeline_loader(cfg, workers, torch.device("cpu"))
     threads = torch.get_num_threads()
     if workers == 0:
         torch.set_num_threads(1)
     it = iter(loader)
     try:
-        next(it)  # warm-up: worker start, file cache
+        for _ in range(warmup):  # worker start, file cache
+            next(it)
         start = time.perf_counter()
         for _ in range(batches):
             next(it)
@@ -487,11 +510,12 @@ def results_path(results_dir: str | Path, machine: dict, day: date | None = None
 
 
 def save_result(record: dict, results_dir: str | Path) -> Path:
-    """Append ``record`` (with ``machine``) to the day's results file of its machine; returns the path.
+    """Append ``record`` (with ``machine``) to the day's results file of its machine; returns its
+    absolute path (a relative ``results_dir`` is under the working directory).
 
     The file holds ``{"machine": ..., "runs": [...]}``; each run keeps its own ``machine`` too.
     """
-    path = results_path(results_dir, record["machine"])
+    path = results_path(Path(results_dir).absolute(), record["machine"])
     path.parent.mkdir(parents=True, exist_ok=True)
     content = {"machine": record["machine"], "runs": []}
     if path.exists():

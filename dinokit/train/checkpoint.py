@@ -67,13 +67,46 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
         path = path / LATEST
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
+    unreadable = _not_a_checkpoint(path)
+    if unreadable:
+        raise CheckpointError(f"{path} {unreadable}{_earlier_checkpoints(path)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as err:
-        if not trust and "weights_only" in str(err):
-            raise CheckpointError(f"{path} holds Python objects beyond tensors and plain values; it is not loaded "
-                                  "unless you trust it (pass --trust-checkpoint / trust=True)") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint: {type(err).__name__}: {err}") from None
+        if not trust and "weights_only" in str(err) and "invalid load key" not in str(err):
+            raise CheckpointError(f"{path} holds Python objects beyond tensors and plain values; it is loaded only if "
+                                  "you trust it (--trust-checkpoint on the commands that read weights, trust=True in "
+                                  "Python)") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {type(err).__name__}: {err}"
+                              f"{_earlier_checkpoints(path)}") from None
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why the file at ``path`` cannot be a PyTorch checkpoint (empty, cut short, another kind of
+    file), from its first and last bytes; None when it may be one."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty"
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, size - 65558))  # the zip end record lies in the last 22 + 65535 bytes
+        tail = f.read()
+    if head == b"PK\x03\x04":  # torch.save's zip format
+        return None if b"PK\x05\x06" in tail else "is cut short (its end is missing: a copy or a write that stopped)"
+    if head[:1] == b"\x80":  # a pickle (torch.save's legacy format)
+        return None
+    return "is not a PyTorch checkpoint (a file of another kind)"
+
+
+def _earlier_checkpoints(path: Path) -> str:
+    """For a run's latest checkpoint: the epoch checkpoints beside it that could replace it."""
+    if path.name != LATEST:
+        return ""
+    kept = sorted(path.parent.glob("checkpoint_epoch*.pth"))
+    if not kept:
+        return ""
+    return (f"; {kept[-1].name} beside it holds an earlier state of the run: copy it to {path} to resume from "
+            "there")
 
 
 def nonfinite_keys(obj: Any, prefix: str = "") -> list[str]:

@@ -17,12 +17,14 @@ import datetime
 import hashlib
 import os
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from dinokit.config import ConfigError
 from dinokit.data.folders import ImageList
 from dinokit.eval.features import Features
 
@@ -109,16 +111,26 @@ def first_host(nodelist: str) -> str:
 
 
 def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA (this process's local GPU), then Apple's MPS, then the CPU."""
+    """``auto`` picks CUDA (this process's local GPU), then Apple's MPS, then the CPU; a device that
+    is not here, or not one of these, is a ``ConfigError``."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {spec!r}: expected auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} asked for, but no CUDA GPU is available (use --device cpu)")
+        raise ConfigError(f"device {spec!r} asked for, but no CUDA GPU is available (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {spec!r} asked for, but Apple's MPS is not available here (use --device cpu)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
@@ -180,10 +192,15 @@ def lost_peer(err: BaseException) -> bool:
 
 
 def lost_peer_error(err: BaseException, env: DistEnv, out: str) -> DistributedError:
+    from dinokit.train.checkpoint import LATEST
+    from dinokit.train.fsdp import SHARDED
+
+    saved = any((Path(out) / name).exists() for name in (LATEST, SHARDED))
+    then = (f"The last checkpoint in {out} is intact; run the same command again to resume" if saved else
+            f"No checkpoint was written in {out} yet; the same command starts the run again")
     return DistributedError(
         f"{env}: lost contact with the other processes ({_first_line(err)}). Another process stopped or hung: "
-        f"its own message above (or the launcher's summary) says why. The last checkpoint in {out} is intact; "
-        f"run the same command again to resume")
+        f"its own message above (or the launcher's summary) says why. {then}")
 
 
 def _first_line(err: BaseException) -> str:

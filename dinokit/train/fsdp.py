@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from dinokit.train.loop import DINOState
 
 SHARDED = "checkpoint.dcp"
+RECORD_KEYS = ("args", "images")  # the plain values saved beside the tensors (save_sharded)
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -115,8 +116,9 @@ def _training_state(state: "DINOState") -> dict[str, Any]:
     }
 
 
-def save_sharded(folder: Path, state: "DINOState", args: dict[str, Any], copy_to: Path | None = None) -> None:
-    """Write ``state`` (and the run's config ``args``) to the DCP folder ``folder``; a collective.
+def save_sharded(folder: Path, state: "DINOState", record: dict[str, Any], copy_to: Path | None = None) -> None:
+    """Write ``state`` and ``record`` (plain values by name: the run's config ``args``, the
+    fingerprints of its ``images``) to the DCP folder ``folder``; a collective.
 
     The new folder replaces the old one only once it is complete. ``copy_to`` also keeps a copy
     there (the epoch checkpoints).
@@ -127,7 +129,8 @@ def save_sharded(folder: Path, state: "DINOState", args: dict[str, Any], copy_to
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     with _no_single_process_warning():
-        dcp.save({**_training_state(state), "args": json.dumps(args)}, checkpoint_id=tmp, no_dist=_single())
+        dcp.save({**_training_state(state), **{k: json.dumps(v) for k, v in record.items()}}, checkpoint_id=tmp,
+                 no_dist=_single())
     if main:
         old = folder.with_name(f".{folder.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -150,12 +153,14 @@ def latest_sharded(folder: Path) -> Path | None:
     return None
 
 
-def read_sharded_args(folder: Path) -> dict[str, Any]:
-    """The config a DCP checkpoint was written with (read without building any model)."""
-    values = {"args": ""}
+def read_sharded_record(folder: Path) -> dict[str, Any]:
+    """The record saved beside a DCP checkpoint's tensors (``save_sharded``), read without building
+    any model; the entries an older checkpoint lacks are left out."""
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    values = {key: "" for key in RECORD_KEYS if key in saved}
     with _no_single_process_warning():
         dcp.load(values, checkpoint_id=folder, no_dist=_single())
-    return json.loads(values["args"])
+    return {key: json.loads(value) for key, value in values.items()}
 
 
 def load_sharded(folder: Path, state: "DINOState") -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -42,10 +43,11 @@ from dinokit.train.distributed import (DistEnv, any_process, check_agreement, co
                                        sum_over_processes, lost_peer, lost_peer_error, mean_over_processes,
                                        resolve_device, shutdown_distributed, sync_batch_norm)
 from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
-                                read_sharded_args, require_tested_torch, save_sharded, shard)
+                                read_sharded_record, require_tested_torch, save_sharded, shard)
 from dinokit.train.host_memory import KeepFreedMemoryInWorkers, use_memory_policy
 from dinokit.train.monitor import Monitor, StallWatch
 from dinokit.train.optim import build_optimizer, clip_gradients, set_hyperparameters, step_if_finite
+from dinokit.train.run_folder import hold_run_folder
 
 
 class TrainingError(RuntimeError):
@@ -72,9 +74,10 @@ class DINOState:
     optimizer: torch.optim.Optimizer
     step: int = 0
 
-    def state_dict(self, cfg: TrainConfig, steps_per_epoch: int) -> dict:
-        """The official DINO layout (plus ``step``). Sharded (FSDP) networks are gathered onto the
-        main process (a collective), without the optimizer (it is in ``checkpoint.dcp``)."""
+    def state_dict(self, cfg: TrainConfig, steps_per_epoch: int, images: dict[str, str]) -> dict:
+        """The official DINO layout (plus ``step``, and ``images``: the fingerprints of the run's
+        training and held-out images). Sharded (FSDP) networks are gathered onto the main process
+        (a collective), without the optimizer (it is in ``checkpoint.dcp``)."""
         return {
             "student": {f"module.{k}": v for k, v in full_state_dict(self.student).items()},
             "teacher": full_state_dict(self.teacher),
@@ -83,6 +86,7 @@ class DINOState:
             "epoch": self.step // steps_per_epoch,
             "step": self.step,
             "args": cfg.to_dict(),
+            "images": images,
             "fp16_scaler": None,
         }
 
@@ -193,18 +197,20 @@ class _SkippedSteps:
             self.in_a_row += 1
             self.write(f"warning: step {step} skipped (non-finite loss or gradient)")
             if self.in_a_row >= self.limit:
+                saved = (f"the last checkpoint ({self.checkpoint_path}) holds finite weights" if
+                         self.checkpoint_path.exists() else "no checkpoint was written yet")
                 raise TrainingError(
-                    f"{self.in_a_row} steps in a row had a non-finite loss or gradient; the last checkpoint "
-                    f"({self.checkpoint_path}) holds finite weights. Likely causes: lr too high for the batch "
-                    "size, fp16 overflow, a teacher temperature too low, corrupted images")
+                    f"{self.in_a_row} steps in a row had a non-finite loss or gradient; {saved}. Likely causes: lr "
+                    "too high for the batch size, a teacher temperature too low, corrupted images")
 
 
 class _StopSignal:
     """Turns SIGINT/SIGTERM into a flag checked between steps (restored on exit)."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.received: int | None = None
         self.previous = {}
+        self.announce = announce  # say what happens (the main process of a distributed run)
 
     def __enter__(self) -> "_StopSignal":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -216,8 +222,15 @@ class _StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:  # a second Ctrl-C: give up at once
+            self._say("stopping now, without saving; the last checkpoint is intact")
             raise KeyboardInterrupt
         self.received = signum
+        self._say(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again: "
+                  "stop now, losing the steps since the last checkpoint)")
+
+    def _say(self, text: str) -> None:
+        if self.announce:
+            print(f"\ndinokit: {text}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
@@ -225,7 +238,7 @@ class _StopSignal:
 
 
 def _split_data(cfg: TrainConfig) -> tuple[ImageList, ImageList | None]:
-    images = scan_folder(resolve_data(cfg.data))
+    images = scan_folder(resolve_data(cfg.data), skip=cfg.out)
     if images.labelled and cfg.val_fraction > 0 and len(images.classes) > 1:
         train_images, val_images = split_train_val(images, cfg.val_fraction, cfg.seed)
         if len(val_images):
@@ -264,12 +277,36 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    for key in ("arch", "patch_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers",
-                "norm_last_layer", "batch_size", "epochs", "seed", "local_crops_number", "strategy"):
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise TrainingError(f"{path} was trained with {key}={saved[key]!r}, but this run asks for "
-                                f"{getattr(cfg, key)!r}; pick another --out to start a new run")
+#: Settings a run keeps from its start (the networks' shapes, the views' sizes and number, the data
+#: order, the schedules' length): resuming with another value is refused.
+FIXED_SETTINGS = ("arch", "patch_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers",
+                  "norm_last_layer", "global_crops_size", "local_crops_size", "local_crops_number", "batch_size",
+                  "epochs", "seed", "strategy")
+#: Settings of how or where a run is carried out, not of what it learns: not reported when changed on resuming.
+RUNTIME_SETTINGS = ("out", "data", "init", "device", "num_workers", "compile", "grad_checkpointing",
+                    "keep_freed_memory", "overlap_views", "log_every", "eval_batch_size", "report",
+                    "checkpoint_every_steps", "keep_checkpoints")
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, images: dict[str, str], path: Path) -> list[str]:
+    """Whether the run saved at ``path`` can go on as ``cfg`` asks, on the ``images`` (fingerprints
+    of the training and held-out images). ``saved``: the checkpoint's record, its config ``args``
+    and its ``images`` (absent from checkpoints written before they were saved). Raises
+    ``TrainingError`` for a changed fixed setting or other images; returns the other settings
+    that changed (not the runtime ones), as ``"key old -> new"``, for the resume message."""
+    args, new = saved.get("args", {}), cfg.to_dict()
+    start_anew = f"pick another --out to start a new run (add --init {path} to start it from these weights)"
+    for key in FIXED_SETTINGS:
+        if key in args and args[key] != new[key]:
+            raise TrainingError(f"{path} was trained with {key}={args[key]!r}, but this run asks for {new[key]!r}; "
+                                f"{start_anew}")
+    for what, now in images.items():
+        before = saved.get("images", {}).get(what)
+        if before is not None and before != now:
+            raise TrainingError(f"{path} was trained with {what} ({before}), but the data now gives {now} (another "
+                                f"folder, images added or removed, or another val_fraction); {start_anew}")
+    return [f"{key} {args[key]!r} -> {new[key]!r}" for key in new
+            if key in args and args[key] != new[key] and key not in RUNTIME_SETTINGS]
 
 
 class _Knn:
@@ -317,7 +354,8 @@ def train(cfg: TrainConfig) -> RunResult:
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     env = init_distributed(device)
     try:
-        return _train(cfg, device, env)
+        with hold_run_folder(Path(cfg.out), owner=env.is_main):
+            return _train(cfg, device, env)
     except RuntimeError as err:
         if env.distributed and lost_peer(err):
             raise lost_peer_error(err, env, cfg.out) from None
@@ -328,10 +366,15 @@ def train(cfg: TrainConfig) -> RunResult:
 
 def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     out = Path(cfg.out)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     with leaders_first(env):  # the first process of each node fills a data cache, the others read it
         train_images, val_images = _split_data(cfg)
+    if cfg.batch_size % env.world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) does not split evenly over "
+                          f"{env.world_size} processes; use a multiple of {env.world_size}")
+    if len(train_images) < cfg.batch_size:
+        raise DataError(f"batch_size {cfg.batch_size} is larger than the {len(train_images)} training images; "
+                        f"lower batch_size")
+    images = {"training images": fingerprint(train_images), "held-out images": fingerprint(val_images)}
     use_memory_policy(cfg.keep_freed_memory, device)
     state = build_state(cfg, device)
     ckpt_path = out / LATEST
@@ -339,8 +382,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
         require_tested_torch()
     sharded_path = latest_sharded(out / SHARDED) if cfg.strategy == "fsdp" else None
     resume_from = sharded_path or (ckpt_path if ckpt_path.exists() else None)
-    check_agreement(env, {"config": cfg.to_dict(), "training images": fingerprint(train_images),
-                          "held-out images": fingerprint(val_images), "checkpoint found": str(resume_from)})
+    check_agreement(env, {"config": cfg.to_dict(), **images, "checkpoint found": str(resume_from)})
     if resume_from is None and cfg.init:
         from dinokit.hub.load import init_training_state
 
@@ -350,23 +392,19 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     if cfg.strategy == "fsdp" and env.distributed:
         shard(state.student, state.teacher, device)
         state.optimizer = build_optimizer(state.student, device)
-    if sharded_path:
-        _check_resumable(read_sharded_args(sharded_path), cfg, sharded_path)
-        load_sharded(sharded_path, state)
-    elif ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        _check_resumable(ckpt.get("args", {}), cfg, ckpt_path)
-        state.load_state_dict(ckpt)
+    if resume_from is not None:
+        ckpt = read_sharded_record(resume_from) if sharded_path else load_checkpoint(resume_from)
+        changed = check_resumable(ckpt, cfg, images, resume_from)
+        if sharded_path:
+            load_sharded(resume_from, state)
+        else:
+            state.load_state_dict(ckpt)
         del ckpt
+        if env.is_main:
+            print(f"dinokit: resuming {resume_from} at step {state.step}"
+                  + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
     if env.is_main:
         cfg.to_yaml(out / "config.yaml")
-
-    if cfg.batch_size % env.world_size:
-        raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) does not split evenly over "
-                          f"{env.world_size} processes; use a multiple of {env.world_size}")
-    if len(train_images) < cfg.batch_size:
-        raise DataError(f"batch_size {cfg.batch_size} is larger than the {len(train_images)} training images; "
-                        f"lower batch_size")
     steps_per_epoch = len(train_images) // cfg.batch_size
     schedules = Schedules.from_config(cfg, steps_per_epoch)
     sampler = TrainingSampler(len(train_images), cfg.batch_size, schedules.total_steps, cfg.seed, env.rank,
@@ -413,8 +451,9 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
         monitor.flush()
         keep = out / f"checkpoint_{tag}" if tag and cfg.keep_checkpoints else None
         if cfg.strategy == "fsdp":  # every process writes its shards; loads on any number of processes
-            save_sharded(out / SHARDED, state, cfg.to_dict(), copy_to=keep and keep.with_suffix(".dcp"))
-        payload = state.state_dict(cfg, steps_per_epoch)  # a collective when sharded
+            save_sharded(out / SHARDED, state, {"args": cfg.to_dict(), "images": images},
+                         copy_to=keep and keep.with_suffix(".dcp"))
+        payload = state.state_dict(cfg, steps_per_epoch, images)  # a collective when sharded
         if not env.is_main:
             return
         save_checkpoint(payload, ckpt_path)
@@ -429,7 +468,9 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     interrupted = False
     ready = views_on_device(loader, lambda batch: finish_views(batch.views, device) if len(batch) else None,
                             device, cfg.overlap_views)
-    with _StopSignal() as stop, StallWatch(monitor.write) as stall, contextlib.closing(ready):  # closed: workers end
+    with (_StopSignal(announce=env.is_main) as stop, StallWatch(monitor.write) as stall,
+          contextlib.closing(ready),  # closed: the loader's workers end
+          contextlib.closing(monitor.bar)):  # closed: an error's message starts on a line of its own
         for batch, views, data_wait in ready:
             stall.tick()
             step = state.step

@@ -10,8 +10,9 @@ exactly what the network sees, so maps drawn over it line up pixel for pixel.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, TypeVar
+from typing import Callable, Iterable, Iterator, Literal, Sequence, TypeVar
 
 import torch
 from PIL import Image
@@ -29,11 +30,33 @@ Key = TypeVar("Key")
 def image_paths(source: str | Path) -> list[Path]:
     """One image file, or every image under a folder (recursive, sorted)."""
     path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{path} does not exist (give an image file or a folder of images)")
     if path.is_file():
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise DataError(f"{path} is not an image file ({', '.join(IMAGE_EXTENSIONS)})")
         return [path]
     return scan_folder(path).paths
+
+
+def output_names(keys: Sequence[Path], reserved: Iterable[str] = ()) -> list[Path]:
+    """A distinct output name per image path (relative, distinct): the path without its extension
+    (``sub/cat.jpg`` -> ``sub/cat``), except that images whose names would then coincide with
+    another's or with a ``reserved`` name keep their extension (``cat.jpg`` and ``cat.png`` stay
+    ``cat.jpg`` and ``cat.png``). Names that differ only in case count as coinciding
+    (case-insensitive file systems)."""
+    stems = Counter([str(key.with_suffix("")).lower() for key in keys] + [name.lower() for name in reserved])
+    names = [key.with_suffix("") if stems[str(key.with_suffix("")).lower()] == 1 else key for key in keys]
+    # a kept extension can still meet another image's stem (x.jpg next to x.jpg.png): number the later ones
+    unique, seen = [], set()
+    for name in names:
+        candidate, n = name, 1
+        while str(candidate).lower() in seen:
+            n += 1
+            candidate = name.with_name(f"{name.name}-{n}")
+        seen.add(str(candidate).lower())
+        unique.append(candidate)
+    return unique
 
 
 def fit_to_patches(image: Image.Image, patch_size: int, image_size: int | None = None, fit: Fit = "crop",
@@ -43,6 +66,8 @@ def fit_to_patches(image: Image.Image, patch_size: int, image_size: int | None =
     ``image_size`` (pixels) is the shorter side after resizing; None keeps the size. ``fill``
     is the padding colour in [0, 1] (the normalisation mean: padding is zero for the network).
     """
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be positive (or None to keep the size), got {image_size}")
     if image_size is not None:
         image = TF.resize(image, image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
     width, height = image.size
@@ -50,8 +75,8 @@ def fit_to_patches(image: Image.Image, patch_size: int, image_size: int | None =
     if fit == "crop":
         new_w, new_h = width // p * p, height // p * p
         if not new_w or not new_h:
-            raise DataError(f"a {width}x{height} px image is smaller than one {p} px patch; "
-                            f"enlarge it (image size) or pad it (fit='pad')")
+            raise DataError(f"a {width}x{height} px image is smaller than one {p} px patch; enlarge it (a larger "
+                            f"image size) or pad it (fit='pad', --fit pad on the command line)")
         left, top = (width - new_w) // 2, (height - new_h) // 2
         return image.crop((left, top, left + new_w, top + new_h))
     if fit == "pad":

@@ -56,9 +56,14 @@ def principal_components(x: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, tor
 
 def pca_rgb(features: list[torch.Tensor], background_threshold: float | None = None) -> list[np.ndarray]:
     """Patch features ``h_i x w_i x D`` of several images -> colours ``h_i x w_i x 3`` in [0, 1]
-    (float32), components 1-3 in channels R, G, B (see the module doc)."""
+    (float32), components 1-3 in channels R, G, B (see the module doc).
+
+    A ``ValueError`` when ``background_threshold`` (in [0, 1)) leaves no foreground patch, as
+    every threshold does for a single patch or identical features."""
     if not features:
         return []
+    if background_threshold is not None and not 0 <= background_threshold < 1:
+        raise ValueError(f"background_threshold must lie in [0, 1), got {background_threshold}")
     sizes = [f.shape[0] * f.shape[1] for f in features]
     flat = torch.cat([f.reshape(n, -1) for f, n in zip(features, sizes)]).double()
     mean, components = principal_components(flat)
@@ -67,6 +72,10 @@ def pca_rgb(features: list[torch.Tensor], background_threshold: float | None = N
     if background_threshold is not None:
         first = _minmax(projection[:, 0] * _border_sign(projection[:, 0], features))
         keep = first > background_threshold
+        if not keep.any():
+            raise ValueError(f"no foreground patch: the first component is the same on all {len(flat)} patch(es) "
+                             f"(one patch, or identical features), so no background threshold separates them; "
+                             f"leave the threshold out")
         if int(keep.sum()) > 3:
             mean, components = principal_components(flat[keep])
             projection = (flat - mean) @ components.T

@@ -36,10 +36,11 @@ from dinokit.data.folders import BadImageError, DataError, load_rgb, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.hub.load import load_backbone
 from dinokit.models.backbones import UnknownArchError, is_vit
-from dinokit.train.checkpoint import CheckpointError
+from dinokit.train.checkpoint import LATEST, CheckpointError
 from dinokit.viz.attention import DEFAULT_THRESHOLD, attention_figure, attention_maps
 
 REPORT_NAME = "report.html"
+RUN_FILES = ("config.yaml", "metrics.jsonl", LATEST)  # a run folder has at least one of them
 CURVES = (  # metrics.jsonl key, plot title
     ("loss", "loss"),
     ("kl", "KL(teacher || student)"),
@@ -53,10 +54,17 @@ BASELINES = ("untrained", "raw pixels")
 
 
 def write_report(run_dir: Path, num_attention_images: int = 4) -> Path:
-    """Write ``run_dir/report.html`` from whatever the run folder holds; returns its path."""
+    """Write ``run_dir/report.html`` from whatever the run folder holds; returns its path.
+
+    A ``DataError`` when ``run_dir`` is not a folder of ``dinokit train`` (it has none of
+    ``RUN_FILES``)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise DataError(f"run folder {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir} is not a folder: give the run folder of dinokit train (e.g. {run_dir.parent})")
+    if not any((run_dir / name).exists() for name in RUN_FILES):
+        raise DataError(f"{run_dir} is not a run folder of dinokit train: it holds none of {', '.join(RUN_FILES)}")
     config = _read_config(run_dir / "config.yaml")
     steps, events = read_metrics(run_dir / "metrics.jsonl")
     knn = json.loads((run_dir / "knn.json").read_text()) if (run_dir / "knn.json").exists() else {}

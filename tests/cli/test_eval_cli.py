@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -112,11 +113,22 @@ def _bad_inputs(tmp_path, run_dir, textures_dir):
     other = make_folder(tmp_path / "other", ["red"], per_class=2)
     not_ckpt = tmp_path / "notes.pth"
     not_ckpt.write_text("hello")
+    backbone_only = tmp_path / "backbone.pth"
+    torch.save(vit("vit_tiny", patch_size=8, img_size=32).state_dict(), backbone_only)
     knn = ["knn", "--checkpoint", run_dir, "--train-data", textures_dir, "--device", "cpu"]
+    embed = ["embed", "--checkpoint", run_dir, "--data", textures_dir, "--out", tmp_path / "e.npz"]
     return {
+        "--image-size must be positive, got 0": knn + ["--image-size", 0],
+        "--image-size must be positive, got -8": embed + ["--image-size", -8],
+        "Invalid value for '--batch-size': 0 is not in the range x>=1": knn + ["--batch-size", 0],
+        "Invalid value for '--num-workers': -1 is not in the range x>=0": embed + ["--num-workers", -1],
+        "Invalid value for '--max-points': 0 is not in the range x>=4": [
+            "plot-embeddings", tmp_path / "e.npz", "--out", tmp_path / "p.png", "--max-points", 0],
+        "holds one network": ["knn", "--checkpoint", backbone_only, "--which", "student",
+                              "--train-data", textures_dir],
         "needs labels": ["knn", "--checkpoint", run_dir, "--train-data", unlabelled],
         "has classes ['red'] that the training data": knn + ["--test-data", other],
-        "not a readable checkpoint": ["knn", "--checkpoint", not_ckpt, "--train-data", textures_dir],
+        "is not a PyTorch checkpoint": ["knn", "--checkpoint", not_ckpt, "--train-data", textures_dir],
         "patch_size=16 was asked for": knn + ["--patch-size", 16],
         "not a multiple of the backbone's patch size 8": knn + ["--image-size", 30],
         "either --test-data or --val-fraction": knn + ["--test-data", textures_dir, "--val-fraction", 0.1],
@@ -131,3 +143,40 @@ def test_bad_input_gives_one_clear_line(tmp_path, run_dir, textures_dir):
         result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (message, result.output)
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_embed_checks_the_parquet_extra_before_any_work(tmp_path, textures_dir, monkeypatch):
+    import sys
+
+    from dinokit.eval import embed
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if the 'embed' extra were not installed
+    monkeypatch.setattr(embed, "embed_images", lambda *a, **k: pytest.fail("embeddings computed"))
+    result = invoke("embed", "--checkpoint", "pixels", "--image-size", 8, "--data", textures_dir,
+                    "--out", tmp_path / "x.parquet")
+    assert result.exit_code == 2 and "pip install 'dinokit[embed]'" in result.output
+
+
+def test_embed_counts_unreadable_files_in_one_bracket(tmp_path):
+    data = make_folder(tmp_path / "colours", COLOURS, per_class=2)
+    (data / "red" / "broken.png").write_bytes(b"not an image")
+    result = invoke("embed", "--checkpoint", "pixels", "--image-size", 8, "--data", data, "--out", tmp_path / "e.pt",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"to \S+e\.pt \(\d+ s; 1 unreadable file\(s\) skipped\)$", result.output.strip()), result.output
+
+
+def test_plot_embeddings_says_what_it_wrote_and_refuses_nan(tmp_path):
+    from dinokit.eval.embed import Embeddings
+
+    features = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    Embeddings(features, [f"{i}.png" for i in range(10)]).save(tmp_path / "ok.npz")
+    result = invoke("plot-embeddings", tmp_path / "ok.npz", "--out", tmp_path / "noext", "--method", "pca")
+    assert result.exit_code == 0 and f"wrote {tmp_path / 'noext.png'} " in result.output
+    assert (tmp_path / "noext.png").is_file()
+    features[3] = np.nan
+    Embeddings(features, [f"{i}.png" for i in range(10)]).save(tmp_path / "nan.npz")
+    result = invoke("plot-embeddings", tmp_path / "nan.npz", "--out", tmp_path / "p.png", "--method", "pca")
+    assert result.exit_code == 2 and "1 of the 10 rows hold NaN" in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -24,6 +24,22 @@ def test_recursive_scan_with_labels_from_subfolders(tmp_path):
     assert images.classes == ["cat", "dog"] and images.labels == [0, 0, 1, 1]
 
 
+def test_linked_folders_are_followed_and_hidden_ones_and_the_skipped_one_left_out(tmp_path):
+    store, data = tmp_path / "store", tmp_path / "data"
+    _img(store / "cats" / "a.png")
+    _img(store / "dogs" / "b.png")
+    data.mkdir()
+    (data / "cats").symlink_to(store / "cats")  # a subset built from links
+    (data / "dogs").symlink_to(store / "dogs")
+    (data / "dogs" / "loop").symlink_to(data)  # a link back up is followed once
+    _img(data / ".ipynb_checkpoints" / "c.png")
+    _img(data / "cats" / ".thumbs" / "d.png")
+    _img(data / "run" / "views.png")
+    images = scan_folder(data, skip=data / "run")
+    assert [p.relative_to(data).as_posix() for p in images.paths] == ["cats/a.png", "dogs/b.png"]
+    assert images.classes == ["cats", "dogs"]
+
+
 def test_images_in_root_make_the_folder_unlabelled(tmp_path):
     _img(tmp_path / "x.bmp")
     _img(tmp_path / "sub" / "y.jpeg")

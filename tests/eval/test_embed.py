@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 
 from dinokit.data.folders import scan_folder
-from dinokit.eval.embed import Embeddings, embed_images, plot_embeddings, project_2d
+from dinokit.eval.embed import Embeddings, check_writable, embed_images, plot_embeddings, project_2d
 from dinokit.extras import MissingExtraError
 from tests.eval.test_knn import COLOURS, make_folder
 
@@ -72,3 +72,23 @@ def test_missing_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", None)  # as if umap-learn were not installed
     with pytest.raises(MissingExtraError, match=r"dinokit\[embed\].*umap-learn"):
         project_2d(sample().features, "umap")
+
+
+def test_the_output_format_is_checked_before_any_work(tmp_path, monkeypatch):
+    check_writable(tmp_path / "f.npz")
+    with pytest.raises(ValueError, match=r"must end in \.npz, \.pt, \.parquet"):
+        check_writable(tmp_path / "f.csv")
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if the 'embed' extra were not installed
+    with pytest.raises(MissingExtraError, match=r"dinokit\[embed\]"):
+        check_writable(tmp_path / "f.parquet")
+
+
+def test_plot_names_the_file_it_writes_and_refuses_bad_input(tmp_path):
+    out = plot_embeddings(sample(), tmp_path / "noext", method="pca")
+    assert out == tmp_path / "noext.png" and out.is_file()
+    with pytest.raises(ValueError, match="max_points must be at least 4"):
+        plot_embeddings(sample(), tmp_path / "p.png", method="pca", max_points=0)
+    broken = sample()
+    broken.features[[2, 5]] = np.nan
+    with pytest.raises(ValueError, match=r"^2 of the 12 rows hold NaN or infinite features[^\n]*$"):
+        plot_embeddings(broken, tmp_path / "p.png", method="pca")

@@ -128,6 +128,20 @@ def test_features_are_cached_and_reused(tmp_path):
     assert backbone.images == 32  # other weights: other cache entries
 
 
+def test_an_image_replaced_in_place_is_not_served_from_the_cache(tmp_path):
+    train = scan_folder(make_folder(tmp_path / "train", COLOURS))
+    test = scan_folder(make_folder(tmp_path / "test", ["green", "red"], per_class=2))
+    backbone = CountingFlatten()
+    kwargs = dict(crop_size=16, ks=(1,), progress=False, cache_dir=tmp_path / "cache", cache_tag="weights")
+    assert knn_evaluate(backbone, train, test, **kwargs)[1]["top1"] == 100.0
+    for path in test.paths:  # same names, other pictures: the red test images are now blue
+        if path.parent.name == "red":
+            Image.new("RGB", (16, 16), COLOURS["blue"]).save(path)
+            os.utime(path, ns=(10**18, 10**18))  # a new version even where the clock is coarse
+    assert knn_evaluate(backbone, train, test, **kwargs)[1]["top1"] == 50.0
+    assert backbone.images == 16 + 4  # the test features were computed again, the training ones not
+
+
 def test_test_classes_must_occur_in_training(tmp_path):
     train = scan_folder(make_folder(tmp_path / "train", ["blue", "green"]))
     test = scan_folder(make_folder(tmp_path / "test", ["green", "red"]))

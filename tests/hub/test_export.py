@@ -115,8 +115,16 @@ def test_cli_export_and_its_errors(run_dir, tmp_path, monkeypatch):
     assert "backbone.safetensors" in result.output and (tmp_path / "x" / "backbone.json").is_file()
 
     result = runner.invoke(main, ["export", str(tmp_path / "absent"), "--format", "onnx", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "no checkpoint, run folder or official name" in result.output
+    assert result.exit_code == 2 and "absent: no such file or folder" in result.output
     assert "Traceback" not in result.output
+
+    # an export holds one network: its "student" would be the teacher under another name
+    result = runner.invoke(main, ["export", str(tmp_path / "x"), "--format", "safetensors", "--which", "student",
+                                  "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "holds one network" in result.output and not (tmp_path / "s").exists()
+    result = runner.invoke(main, ["export", "dino_vits16", "--weights", str(run / "checkpoint.pth"),
+                                  "--format", "safetensors", "--out", str(tmp_path / "v")])
+    assert result.exit_code == 2 and "holds a vit_tiny/8, but dino_vits16 is a vit_small/16" in result.output
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the 'export' extra were not installed
     result = runner.invoke(main, ["export", str(run), "--format", "onnx", "--out", str(tmp_path / "y")])

@@ -70,6 +70,17 @@ def test_official_full_checkpoint_teacher_by_default_student_on_request(tmp_path
         assert torch.equal(load_backbone(tmp_path)(images), teacher(images))  # the folder of the run
 
 
+def test_the_student_of_a_file_holding_one_network_is_refused(tmp_path, two_vits):
+    _, teacher = two_vits
+    torch.save(teacher.state_dict(), tmp_path / "backbone.pth")
+    with pytest.raises(CheckpointError, match=r"holds one network .*--which student"):
+        open_backbone(tmp_path / "backbone.pth", which="student")
+    torch.save({"teacher": teacher.state_dict(), "args": {"arch": "vit_tiny"}}, tmp_path / "teacher.pth")
+    with pytest.raises(CheckpointError, match="holds only the teacher"):
+        open_backbone(tmp_path / "teacher.pth", which="student")
+    assert open_backbone(tmp_path / "backbone.pth").which == "teacher"
+
+
 def test_official_namespace_needs_no_trust_but_other_objects_do(tmp_path, two_vits):
     teacher, _ = two_vits
     torch.save({"teacher": teacher.state_dict(), "args": argparse.Namespace(arch="vit_tiny")}, tmp_path / "ns.pth")
@@ -108,7 +119,10 @@ def test_unknown_sources_get_one_clear_message(tmp_path):
     with pytest.raises(CheckpointError, match="did you mean 'dino_vits16'"):
         load_backbone("dino_vit16")
     with pytest.raises(CheckpointError, match="official backbones by name: dino_vits16"):
-        load_backbone(tmp_path / "nothing.pth")
+        load_backbone("nothing")
+    for path in (tmp_path / "nothing.pth", "/nonexistent/x", "runs/absent"):  # a path, not a misspelt name
+        with pytest.raises(CheckpointError, match="no such file or folder"):
+            load_backbone(path)
     with pytest.raises(CheckpointError, match="neither a training checkpoint"):
         load_backbone(tmp_path)
     torch.save({"weight": torch.ones(3)}, tmp_path / "other.pth")

@@ -45,6 +45,14 @@ def test_weights_path_is_used_instead_of_the_network(cache, vits8_file, monkeypa
         load_backbone(vits8_file, weights=vits8_file)
 
 
+def test_weights_of_another_network_than_the_name_are_refused(cache, vits8_file, tmp_path):
+    with pytest.raises(CheckpointError, match=r"holds a vit_small/8, but dino_vits16 is a vit_small/16"):
+        open_backbone("dino_vits16", weights=vits8_file)
+    torch.save(vit("vit_tiny", patch_size=8, img_size=32).state_dict(), tmp_path / "tiny8.pth")
+    with pytest.raises(CheckpointError, match=r"holds a vit_tiny/8, but dino_vits8 is a vit_small/8"):
+        open_backbone("dino_vits8", weights=tmp_path / "tiny8.pth")
+
+
 def test_download_goes_to_the_cache_once(cache, vits8_file, monkeypatch):
     calls = []
 

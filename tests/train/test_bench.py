@@ -174,6 +174,26 @@ def test_machine_names_and_results_files(tmp_path):
         bench.save_result({"kind": "c", "machine": cpu}, tmp_path)
 
 
+def test_results_under_a_relative_folder_are_named_by_their_absolute_path(tmp_path, monkeypatch):
+    """``bench/results`` is under the working directory, wherever dinokit is installed: the path
+    returned (and printed as "saved to") says where that was."""
+    monkeypatch.chdir(tmp_path)
+    path = bench.save_result({"kind": "a", "machine": {"cpu": "x", "cores": 2}}, "bench/results")
+    assert path.is_absolute() and path.parent == tmp_path / "bench" / "results" and path.exists()
+
+
+def test_the_pipeline_is_timed_over_enough_batches_to_start_its_workers():
+    """With workers, one untimed batch per worker at least, and 4x the batches they make ahead
+    timed (2 workers make 2 each ahead); without, the counts asked for."""
+    assert bench.pipeline_batches(2, 1, workers=2) == (16, 2)
+    assert bench.pipeline_batches(100, 3, workers=2) == (100, 3)
+    assert bench.pipeline_batches(5, 2, workers=16) == (4 * 16 * 2, 16)
+    assert bench.pipeline_batches(1, 1, workers=0) == (1, 1)
+    for counts in ((0, 1), (1, 0)):
+        with pytest.raises(ConfigError, match="at least 1"):
+            bench.pipeline_batches(*counts, workers=0)
+
+
 def test_describe_machine_on_the_cpu():
     info = bench.describe_machine(torch.device("cpu"))
     assert info["cpu"] and info["cores"] == bench.usable_cores() and "gpu" not in info

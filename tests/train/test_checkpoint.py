@@ -1,3 +1,4 @@
+import argparse
 import errno
 from fractions import Fraction
 
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 from dinokit.train import checkpoint as ckpt_mod
-from dinokit.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dinokit.train.checkpoint import LATEST, CheckpointError, load_checkpoint, save_checkpoint
 
 
 def test_round_trip_with_weights_only(tmp_path):
@@ -40,10 +41,29 @@ def test_untrusted_pickles_are_refused(tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x.pth").write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="x.pth is not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "x.pth")
+    (tmp_path / "empty.pth").touch()
+    with pytest.raises(CheckpointError, match="empty.pth is empty"):
+        load_checkpoint(tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_a_cut_short_checkpoint_names_the_epoch_checkpoint_beside_it(tmp_path):
+    save_checkpoint({"step": 3}, tmp_path / "checkpoint_epoch0001.pth")
+    whole = (tmp_path / "checkpoint_epoch0001.pth").read_bytes()
+    (tmp_path / LATEST).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError, match="is cut short .*checkpoint_epoch0001.pth beside it holds an earlier"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoint_epoch0001.pth") == {"step": 3}
+
+
+def test_python_objects_load_only_when_trusted(tmp_path):
+    torch.save({"args": argparse.Namespace(arch="vit_small")}, tmp_path / "official.pth")
+    with pytest.raises(CheckpointError, match="beyond tensors and plain values; it is loaded only if you trust it"):
+        load_checkpoint(tmp_path / "official.pth")
+    assert load_checkpoint(tmp_path / "official.pth", trust=True)["args"].arch == "vit_small"
 
 
 def test_non_finite_weights_are_never_written(tmp_path):

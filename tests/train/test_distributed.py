@@ -27,7 +27,7 @@ from dinokit.config import ConfigError, TrainConfig
 from dinokit.data.builtin import builtin_textures
 from dinokit.data.sampler import TrainingSampler
 from dinokit.train.distributed import (MAX_GPU_LOADER_WORKERS, DistEnv, describe_disagreement, first_host, launcher_env,
-                                       processes_on_this_node)
+                                       lost_peer_error, processes_on_this_node, resolve_device)
 from dinokit.train.fsdp import FSDP_MIN_TORCH, require_tested_torch
 from dinokit.train.loop import train
 from tests.conftest import tiny_config
@@ -370,3 +370,22 @@ def test_a_rendezvous_that_cannot_form_says_so(setup, tmp_path):
     assert result.returncode == 1
     assert f"process 1 of 2: the 2 processes did not meet at 127.0.0.1:{port} within 2 s" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("gpu", "expected auto, cpu, cuda, cuda:N or mps"),
+    ("xla", "expected auto, cpu, cuda, cuda:N or mps"),
+    pytest.param("cuda", "no CUDA GPU is available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+])
+def test_a_device_that_is_not_here_is_a_config_error(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(spec)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_lost_contact_says_whether_there_is_a_checkpoint_to_resume_from(tmp_path):
+    env = DistEnv(rank=0, world_size=2, local_rank=0)
+    err = RuntimeError("Connection closed by peer")
+    assert "No checkpoint was written" in str(lost_peer_error(err, env, str(tmp_path)))
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    assert "The last checkpoint in" in str(lost_peer_error(err, env, str(tmp_path)))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -147,3 +148,51 @@ def test_resume_refuses_a_different_model(textures_dir, tmp_path):
     train(tiny_config(textures_dir, tmp_path / "run", epochs=1))
     with pytest.raises(loop.TrainingError, match="patch_size"):
         train(tiny_config(textures_dir, tmp_path / "run", epochs=1, patch_size=4))
+
+
+def test_resume_refuses_other_images_even_after_the_run_ended(textures_dir, tmp_path, capsys):
+    """A finished run's folder given other data would otherwise report the old run as done."""
+    train(tiny_config(textures_dir, tmp_path / "run", epochs=1))
+    fewer = tmp_path / "fewer"
+    shutil.copytree(textures_dir, fewer, ignore=lambda folder, names: [n for n in names if n == "0007.png"])
+    with pytest.raises(loop.TrainingError, match=r"trained with training images \(64 images, .*but the data now gives"
+                                                 r" \d+ images.*--init .*checkpoint.pth"):
+        train(tiny_config(fewer, tmp_path / "run", epochs=1))
+    with pytest.raises(loop.TrainingError, match="now gives 48 images"):  # the same folder, another split
+        train(tiny_config(textures_dir, tmp_path / "run", epochs=1, val_fraction=0.25))
+    moved = tmp_path / "moved"  # the same images elsewhere: the same run
+    shutil.copytree(textures_dir, moved)
+    assert train(tiny_config(moved, tmp_path / "run", epochs=1)).steps == 64 // 8
+    assert "resuming" in capsys.readouterr().out
+
+
+def test_resume_refuses_other_view_sizes_and_reports_other_changes(textures_dir, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    _interrupt_at(monkeypatch, 3)
+    train(tiny_config(textures_dir, run, epochs=1))
+    monkeypatch.undo()
+    with pytest.raises(loop.TrainingError, match="global_crops_size=32, but this run asks for 48"):
+        train(tiny_config(textures_dir, run, epochs=1, global_crops_size=48, local_crops_size=24))
+    capsys.readouterr()
+    train(tiny_config(textures_dir, run, epochs=1, lr=0.001, num_workers=1))
+    said = capsys.readouterr().out
+    assert f"resuming {run / 'checkpoint.pth'} at step 3; settings changed since: lr 0.0005 -> 0.001" in said
+    assert "num_workers" not in said  # how a run is carried out is not a change of the run
+
+
+def test_a_run_folder_inside_the_data_folder_is_not_training_data(textures_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(textures_dir, data)
+    train(tiny_config(data, data / "run", epochs=1, report=True))  # writes views.png and report.html there
+    assert train(tiny_config(data, data / "run", epochs=1)).steps == 64 // 8  # the same 64 images: resumed
+
+
+def test_a_stop_says_what_it_does(textures_dir, tmp_path, monkeypatch, capsys):
+    _interrupt_at(monkeypatch, 2)
+    assert train(tiny_config(textures_dir, tmp_path / "run", epochs=1)).interrupted
+    assert "SIGTERM: stopping after this step, with a checkpoint" in capsys.readouterr().err
+
+
+def test_too_many_non_finite_steps_without_a_checkpoint_say_so(textures_dir, tmp_path):
+    with pytest.raises(loop.TrainingError, match="non-finite loss or gradient; no checkpoint was written yet"):
+        train(tiny_config(textures_dir, tmp_path / "run", epochs=1, lr=1e30, clip_grad=0, max_nonfinite_steps=2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from dinokit.data.folders import DataError
 from dinokit.models.vit import VisionTransformer
 from dinokit.viz.attention import (AttentionMaps, NeedsViTError, attention_figure, attention_maps,
                                    cls_patch_attention, save_attention, top_mass_mask, upsample)
-from dinokit.viz.inputs import fit_to_patches
+from dinokit.viz.inputs import fit_to_patches, image_paths, output_names
 
 
 def small_vit(patch_size: int) -> VisionTransformer:
@@ -130,9 +132,24 @@ def test_image_size_resizes_the_shorter_side_keeping_aspect():
 
 
 def test_image_smaller_than_a_patch():
-    with pytest.raises(DataError, match="smaller than one"):
+    with pytest.raises(DataError, match=r"smaller than one .*--fit pad on the command line"):
         fit_to_patches(noise_image(6, 20), 8)
     assert fit_to_patches(noise_image(6, 20), 8, fit="pad").size == (8, 24)
+    for size in (0, -5):
+        with pytest.raises(ValueError, match="image_size must be positive"):
+            fit_to_patches(noise_image(6, 20), 8, image_size=size)
+
+
+def test_output_names_keep_the_extension_only_where_stems_collide():
+    keys = [Path(p) for p in ("x.jpg", "x.png", "sub/x.jpg", "y.png", "Z.png", "z.jpg", "w.jpg", "w.jpg.png",
+                              "w.png", "overview.jpg")]
+    assert output_names(keys, reserved=("overview",)) == [Path(p) for p in (
+        "x.jpg", "x.png", "sub/x", "y", "Z.png", "z.jpg", "w.jpg", "w.jpg-2", "w.png", "overview.jpg")]
+
+
+def test_missing_image_path_is_named_as_such(tmp_path):
+    with pytest.raises(DataError, match=r"nope.jpg does not exist \(give an image file or a folder"):
+        image_paths(tmp_path / "nope.jpg")
 
 
 def test_batches_give_the_same_maps_as_single_images_in_order():

@@ -76,6 +76,18 @@ def test_background_removal_keeps_the_centre_whatever_the_sign(flip):
         assert (c[~centre.numpy()] == 0).all()
 
 
+def test_background_removal_without_any_foreground_says_so():
+    one_patch = [torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(5))]
+    for threshold in (0.0, 0.5):
+        with pytest.raises(ValueError, match="no foreground patch"):
+            pca_rgb(one_patch, background_threshold=threshold)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\)"):
+        pca_rgb(one_patch, background_threshold=1.0)
+    assert pca_rgb(one_patch)[0].shape == (1, 1, 3)  # without background removal: one colour
+    two = [torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(6))]
+    assert pca_rgb(two, background_threshold=0.99)[0].shape == (2, 2, 3)  # the top patch is always foreground
+
+
 @pytest.mark.parametrize("patch_size", [4, 8, 16])
 def test_patch_features_of_non_square_images(patch_size, tmp_path):
     torch.manual_seed(0)

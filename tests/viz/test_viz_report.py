@@ -89,12 +89,22 @@ def test_sparse_run_folder_skips_what_is_missing(tmp_path):
     assert embedded_pngs(page) == []
 
 
-def test_empty_and_missing_run_folders(tmp_path):
+def test_a_run_with_only_its_metrics(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics_rows(4)))
     page = write_report(tmp_path).read_text()
     assert "No attention maps: " in page
     assert "No config.yaml in the run folder" in page
+
+
+def test_what_is_not_a_run_folder_is_refused(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         write_report(tmp_path / "absent")
+    (tmp_path / "backbone.json").write_text("{}")  # an export folder, say
+    with pytest.raises(DataError, match="not a run folder of dinokit train: it holds none of config.yaml"):
+        write_report(tmp_path)
+    with pytest.raises(DataError, match="backbone.json is not a folder"):
+        write_report(tmp_path / "backbone.json")
+    assert not (tmp_path / "report.html").exists()
 
 
 def test_attention_is_skipped_when_the_data_folder_is_gone(full_run, tmp_path):
