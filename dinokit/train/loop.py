@@ -246,6 +246,15 @@ def _split_data(cfg: TrainConfig) -> tuple[ImageList, ImageList | None]:
     return images, None
 
 
+def _why_no_knn(cfg: TrainConfig, images: ImageList) -> str:
+    """Why a run on ``images`` holds none of them out for the k-NN monitor."""
+    if not images.labelled:
+        return "no labels: images lie directly in the folder, not all in class sub-folders"
+    if len(images.classes) < 2:
+        return "one class"
+    return "val_fraction=0" if cfg.val_fraction == 0 else "too few images per class to hold any out"
+
+
 def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
     """Loader processes of this training process: ``cfg.num_workers``, or from its share of the
     node's cores: ``gpu_loader_workers()`` on a GPU; half of them on a CPU, where the step needs
@@ -424,10 +433,11 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     monitor = Monitor(out, schedules.total_steps, state.step, cfg.batch_size, enabled=env.is_main,
                       data_bound_hint=_data_bound_hint(cfg, device, workers))
     knn = _Knn(cfg, train_images, val_images, out, device)
-    monitor.write(f"dinokit: {len(train_images)} training images from {train_images.root}"
-                  f"{f', {len(val_images)} held out for k-NN' if val_images else ''}; {cfg.arch}/{cfg.patch_size} "
+    held_out = f"{len(val_images)} held out for k-NN" if val_images else f"no k-NN ({_why_no_knn(cfg, train_images)})"
+    model = f"{cfg.arch}/{cfg.patch_size}" if cfg.arch.startswith("vit") else cfg.arch
+    monitor.write(f"dinokit: {len(train_images)} training images from {train_images.root}, {held_out}; {model} "
                   f"on {device} x {env.world_size} ({cfg.strategy if env.distributed else 'one process'}); "
-                  f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs")
+                  f"{steps_per_epoch} steps/epoch x {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}")
     if device.type == "cpu" and cfg.precision == "auto" and cpu_has_amx():
         monitor.write("hint: this CPU has AMX: precision=bf16 (bf16 autocast) may train faster (a step 1.5-2x as fast "
                       "as in fp32 on such CPUs); `dinokit bench --precision bf16` measures it here")

@@ -10,6 +10,8 @@ import torch
 
 from dinokit.train import loop
 from dinokit.train.checkpoint import load_checkpoint
+from dinokit.config import TrainConfig
+from dinokit.data.folders import ImageList, scan_folder
 from dinokit.train.loop import train
 from tests.conftest import tiny_config
 
@@ -196,3 +198,18 @@ def test_a_stop_says_what_it_does(textures_dir, tmp_path, monkeypatch, capsys):
 def test_too_many_non_finite_steps_without_a_checkpoint_say_so(textures_dir, tmp_path):
     with pytest.raises(loop.TrainingError, match="non-finite loss or gradient; no checkpoint was written yet"):
         train(tiny_config(textures_dir, tmp_path / "run", epochs=1, lr=1e30, clip_grad=0, max_nonfinite_steps=2))
+
+
+@pytest.mark.parametrize("changes, why", [
+    ({}, "val_fraction=0"),
+    ({"val_fraction": 0.25}, "16 held out for k-NN"),
+])
+def test_the_first_line_says_whether_and_why_not_k_nn_runs(textures_dir, tmp_path, capsys, changes, why):
+    train(tiny_config(textures_dir, tmp_path / "run", epochs=1, **changes))
+    assert why in capsys.readouterr().out
+
+
+def test_loose_images_beside_class_folders_are_named_as_why_there_is_no_k_nn(textures_dir):
+    images = scan_folder(textures_dir)
+    loose = ImageList(images.root, images.paths)  # as scan_folder makes it when an image lies at the top
+    assert "no labels: images lie directly in the folder" in loop._why_no_knn(TrainConfig(), loose)
