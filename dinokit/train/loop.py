@@ -286,6 +286,10 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+#: Images in a row (and at least two whole steps), every one unreadable, that stop a run before the
+#: end of its epoch, where ``max_bad_fraction`` is checked: a folder of files that are not images.
+UNREADABLE_IN_A_ROW = 32
+
 #: Settings a run keeps from its start (the networks' shapes, the views' sizes and number, the data
 #: order, the schedules' length): resuming with another value is refused.
 FIXED_SETTINGS = ("arch", "patch_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers",
@@ -473,7 +477,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                 for old in sorted(out.glob(f"checkpoint_epoch*{suffix}"))[:-cfg.keep_checkpoints]:
                     shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
-    bad_in_epoch, seen_in_epoch = 0, 0
+    bad_in_epoch, seen_in_epoch, unreadable_in_a_row = 0, 0, 0
     skipped = _SkippedSteps(cfg.max_nonfinite_steps, monitor.write, ckpt_path)
     interrupted = False
     ready = views_on_device(loader, lambda batch: finish_views(batch.views, device) if len(batch) else None,
@@ -491,9 +495,15 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             seen_in_epoch += len(batch) + len(batch.failed)
             hp = schedules.at(step)
             torch.manual_seed(sample_seed(cfg.seed, 1_000_003 + env.rank, step))  # drop path
-            if any_process(not len(batch)):  # all processes step, or none (DDP would hang)
+            empty = sum_over_processes([int(not len(batch))])[0]  # processes without a readable image
+            if empty:  # all processes step, or none (DDP would hang)
                 monitor.write(f"warning: step {step} skipped (no readable image in a batch)")
+                unreadable_in_a_row = unreadable_in_a_row + cfg.batch_size if empty == env.world_size else 0
+                if unreadable_in_a_row >= max(UNREADABLE_IN_A_ROW, 2 * cfg.batch_size):
+                    raise TrainingError(f"the last {unreadable_in_a_row} images of the data could not be read, not "
+                                        "one of them (the warnings above name them); check the data folder")
             else:
+                unreadable_in_a_row = 0
                 metrics = train_step(state, views, hp, cfg, student, autocast)
                 skipped.record(step, metrics["finite"])
                 monitor.step(step, epoch, {**mean_over_processes(metrics), **hp}, data_wait)

@@ -82,6 +82,17 @@ def test_bad_images_are_skipped_counted_and_bounded(tmp_path, capsys):
         train(strict)
 
 
+def test_a_folder_of_unreadable_files_stops_the_run_within_a_few_steps(tmp_path, capsys):
+    """Not at the end of an epoch: files that are not images (say, HEIC photos named .jpg)."""
+    (tmp_path / "data").mkdir()
+    for i in range(80):
+        (tmp_path / "data" / f"{i:02d}.jpg").write_text("not a jpeg")
+    with pytest.raises(TrainingError, match="the last 32 images of the data could not be read, not one of them"):
+        train(tiny_config(tmp_path / "data", tmp_path / "run", batch_size=8, epochs=1))
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("skipped unreadable image") == 32
+
+
 def test_non_finite_steps_are_skipped_then_the_run_stops(textures_dir, tmp_path, monkeypatch):
     real_forward = DINOLoss.forward
     poisoned = {2, 3}
