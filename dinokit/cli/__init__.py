@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -58,13 +60,22 @@ def _config_options(fn):
     return fn
 
 
+def with_overrides(values: dict[str, Any], overrides: tuple[str, ...],
+                   option: Callable[[str], str] = lambda key: f"--{key.replace('_', '-')}") -> dict[str, Any]:
+    """Settings given as options (``values``, by config key) with the ``key=value`` ``overrides``
+    added. A setting given both ways with two values is a ``ConfigError`` naming ``option(key)``."""
+    merged = dict(values)
+    for key, value in parse_overrides(list(overrides)).items():
+        if key in merged and merged[key] != value:
+            raise ConfigError(f"{key}: given both as an option ({option(key)}) and as key=value ({key} given twice, "
+                              f"as {option(key)} {merged[key]} and {key}={value}); give it once")
+        merged[key] = value
+    return merged
+
+
 def build_train_config(config: str | None, flags: dict[str, str | None], overrides: tuple[str, ...]) -> TrainConfig:
     """Defaults <- preset/YAML (or the run folder's saved config when resuming) <- flags <- key=value."""
-    values = {k: parse_setting(k, v) for k, v in flags.items() if v is not None}
-    for key, value in parse_overrides(list(overrides)).items():
-        if key in values and values[key] != value:
-            raise ConfigError(f"{key} given twice, as --{key.replace('_', '-')} {flags[key]} and {key}={value}")
-        values[key] = value
+    values = with_overrides({k: parse_setting(k, v) for k, v in flags.items() if v is not None}, overrides)
     base: str | Path | None = config
     if base is None:
         out = Path(values.get("out", TrainConfig.model_fields["out"].default))

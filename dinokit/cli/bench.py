@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from dinokit.cli import UserError, friendly_errors, main
-from dinokit.config import TrainConfig, load_yaml, parse_overrides
+from dinokit.cli import UserError, friendly_errors, main, with_overrides
+from dinokit.config import TrainConfig, load_yaml
 
 # option name -> TrainConfig key
 _WORKLOAD_OPTIONS = {
@@ -73,12 +73,7 @@ def bench(config: str | None, compile_: str | None, synthetic: bool, steps: int,
     values = {_WORKLOAD_OPTIONS[k]: v for k, v in options.items() if v is not None}
     if compile_ is not None:
         values["compile"] = compile_
-    overridden = parse_overrides(list(overrides))
-    twice = sorted(values.keys() & overridden.keys())
-    if twice:
-        raise UserError(f"{', '.join(twice)}: given both as an option ({', '.join(map(_option, twice))}) and as "
-                        "key=value; give it once")
-    values.update(overridden)
+    values = with_overrides(values, overrides, _option)
     if data_only and synthetic:
         raise UserError("--data-only times the data pipeline alone, --synthetic the step alone: choose one")
     unused = [key for key in (("compile", "precision") if data_only else ("data", "num_workers") if synthetic else ())

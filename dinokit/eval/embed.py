@@ -37,7 +37,7 @@ def check_writable(path: str | Path) -> None:
     ``FORMATS``, a ``MissingExtraError`` when its format needs packages that are not installed."""
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"the file name must end in {', '.join(FORMATS)}")
+        raise ValueError(f"the file name must end in {', '.join(FORMATS)}: {Path(path).name}")
     if suffix == ".parquet":
         require("pandas", "pandas", "embed")
         require("pyarrow", "pyarrow", "embed")
@@ -71,9 +71,8 @@ class Embeddings:
     def save(self, path: str | Path) -> Path:
         """Write in the format named by the suffix of ``path`` (see the module doc); atomic."""
         path = Path(path)
+        check_writable(path)
         suffix = path.suffix.lower()
-        if suffix not in FORMATS:
-            raise ValueError(f"unknown embeddings format {path.suffix!r} of {path}; use one of {', '.join(FORMATS)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp{suffix}")
         if suffix == ".npz":
@@ -84,8 +83,8 @@ class Embeddings:
         elif suffix == ".pt":
             torch.save({"features": torch.from_numpy(self.features), "paths": self.paths, "labels": self.labels}, tmp)
         else:
-            pd = require("pandas", "pandas", "embed")
-            require("pyarrow", "pyarrow", "embed")
+            import pandas as pd  # there: check_writable
+
             columns = {"path": self.paths}
             if self.labels is not None:
                 columns["label"] = self.labels

@@ -239,20 +239,21 @@ class _StopSignal:
 
 def _split_data(cfg: TrainConfig) -> tuple[ImageList, ImageList | None]:
     images = scan_folder(resolve_data(cfg.data), skip=cfg.out)
-    if images.labelled and cfg.val_fraction > 0 and len(images.classes) > 1:
+    if _why_no_knn(cfg, images) is None:
         train_images, val_images = split_train_val(images, cfg.val_fraction, cfg.seed)
         if len(val_images):
             return train_images, val_images
     return images, None
 
 
-def _why_no_knn(cfg: TrainConfig, images: ImageList) -> str:
-    """Why a run on ``images`` holds none of them out for the k-NN monitor."""
+def _why_no_knn(cfg: TrainConfig, images: ImageList) -> str | None:
+    """Why a run on ``images`` (the whole folder) holds none of them out for the k-NN monitor;
+    None when it splits them (and holds some out unless there are too few per class)."""
     if not images.labelled:
         return "no labels: images lie directly in the folder, not all in class sub-folders"
     if len(images.classes) < 2:
         return "one class"
-    return "val_fraction=0" if cfg.val_fraction == 0 else "too few images per class to hold any out"
+    return "val_fraction=0" if cfg.val_fraction == 0 else None
 
 
 def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
@@ -437,7 +438,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     monitor = Monitor(out, schedules.total_steps, state.step, cfg.batch_size, enabled=env.is_main,
                       data_bound_hint=_data_bound_hint(cfg, device, workers))
     knn = _Knn(cfg, train_images, val_images, out, device)
-    held_out = f"{len(val_images)} held out for k-NN" if val_images else f"no k-NN ({_why_no_knn(cfg, train_images)})"
+    why_not = _why_no_knn(cfg, train_images) or "too few images per class to hold any out"
+    held_out = f"{len(val_images)} held out for k-NN" if val_images else f"no k-NN ({why_not})"
     model = f"{cfg.arch}/{cfg.patch_size}" if cfg.arch.startswith("vit") else cfg.arch
     monitor.write(f"dinokit: {len(train_images)} training images from {train_images.root}, {held_out}; {model} "
                   f"on {device} x {env.world_size} ({cfg.strategy if env.distributed else 'one process'}); "
