@@ -201,9 +201,13 @@ def presets() -> list[str]:
 
 
 def load_yaml(source: str | Path) -> dict[str, Any]:
-    """Read a preset by name or a YAML file by path into a dict (not yet validated)."""
+    """Read a preset by name or a YAML file by path into a dict (not yet validated).
+
+    A preset's bare name means the preset even where a file or folder of that name is in the
+    working directory (a data folder named ``cifar``); ``./cifar`` means the file.
+    """
     path = Path(source)
-    if not path.exists() and (PRESET_DIR / f"{source}.yaml").exists():
+    if str(source) in presets():
         path = PRESET_DIR / f"{source}.yaml"
     if not path.exists():
         raise ConfigError(f"config {source!r}: no such file and no such preset (presets: {', '.join(presets())})")

@@ -1,6 +1,6 @@
 import pytest
 
-from dinokit.config import ConfigError, TrainConfig, parse_overrides, parse_setting, presets
+from dinokit.config import PRESET_DIR, ConfigError, TrainConfig, parse_overrides, parse_setting, presets
 
 
 def test_defaults_are_the_recipe():
@@ -60,6 +60,15 @@ def test_unknown_key_suggests_the_right_one():
 def test_missing_config_file_is_a_clear_error():
     with pytest.raises(ConfigError, match="no such file and no such preset"):
         TrainConfig.build("does-not-exist.yaml")
+
+
+def test_a_preset_name_means_the_preset_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cifar").mkdir()  # the user's data folder
+    assert TrainConfig.build("cifar") == TrainConfig.build(str(PRESET_DIR / "cifar.yaml"))
+    (tmp_path / "laptop").write_text("epochs: 3\n")
+    assert TrainConfig.build("./laptop").epochs == 3  # a path names the file
+    assert TrainConfig.build("laptop").epochs != 3
 
 
 def test_bad_override_syntax():
