@@ -44,7 +44,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     """Top-1 and top-5 accuracy (percent) of weighted k-NN for every ``k`` in ``ks``.
 
     ``train_features`` ``M x D``, ``test_features`` ``Q x D`` (normalised here), labels are
-    class indices. ``k`` larger than ``M`` uses the whole memory. Ties in the vote go to the
+    class indices. A ``k`` larger than ``M`` is scored once, as ``k = M`` (the whole memory). Ties in the vote go to the
     lower class index (a stable sort); a class no neighbour voted for never counts as a top-5
     guess. Votes are computed as ``exp((s - s_max) / T)``, the same ranking as ``exp(s / T)``
     without overflow at small ``T``. Queries go in chunks of ``query_chunk``.
@@ -58,14 +58,14 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     test_labels = test_labels.long().to(memory.device)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    ks = list(dict.fromkeys(min(k, memory.shape[0]) for k in ks))
     hits = {k: torch.zeros(2, dtype=torch.long) for k in ks}  # top-1, top-5 counts
     for q0 in range(0, queries.shape[0], query_chunk):
         sims, idx = top_k_neighbours(queries[q0:q0 + query_chunk], memory, max(ks), query_chunk)
         labels = test_labels[q0:q0 + query_chunk, None]
         for k in ks:
-            kk = min(k, sims.shape[1])
-            neighbour_classes = train_labels[idx[:, :kk]]
-            weights = ((sims[:, :kk] - sims[:, :1]) / temperature).exp()
+            neighbour_classes = train_labels[idx[:, :k]]
+            weights = ((sims[:, :k] - sims[:, :1]) / temperature).exp()
             votes = torch.zeros(sims.shape[0], num_classes, device=memory.device)
             votes.scatter_add_(1, neighbour_classes, weights)
             voted = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, neighbour_classes, True)

@@ -68,6 +68,11 @@ def test_knn_writes_results_and_reuses_cached_features(run_dir, textures_dir):
     assert again.exit_code == 0 and json.loads((run_dir / "eval_knn.json").read_text())["results"] == saved["results"]
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "features").iterdir()} == cache  # nothing recomputed
 
+    beyond = invoke(*args[:8], 3, 100, 200, *args[10:])  # k above the 48 memory images: one column, k = 48
+    assert beyond.exit_code == 0, beyond.output
+    assert list(json.loads((run_dir / "eval_knn.json").read_text())["results"]) == ["3", "48"]
+    assert "(k = 100, 200: more than the 48 memory images, scored as k = 48)" in beyond.output
+
     os.utime(run_dir / "checkpoint.pth", ns=(10**18, 10**18))  # a new version of the weights
     assert invoke(*args).exit_code == 0
     assert len(list((run_dir / "features").iterdir())) == 4
