@@ -143,7 +143,7 @@ def load_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
             img.load()
             if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
                 img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
+            img = to_rgb(img)
             factor = reduction_for(img.size, min_side)
             return img.reduce(factor) if factor > 1 else img
     except DECODE_ERRORS as err:
@@ -196,7 +196,8 @@ def _decode_reduced(img: Image.Image, factor: int) -> None:
         img.draft(img.mode, (img.width // factor, img.height // factor))
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB (16-bit grey scaled to 8 bits); RGB images are returned as they are."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if arr.max() > 255 else 255.0

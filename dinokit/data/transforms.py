@@ -18,6 +18,7 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
 from dinokit.config import TrainConfig
+from dinokit.data.folders import to_rgb
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -73,6 +74,8 @@ class NormalizeImages:
 class MultiCropAugmentation:
     """PIL image -> list of views ``[global_1, global_2, local_1, ..., local_N]``: normalised
     float32 tensors, or with ``as_uint8`` the same views before ``NormalizeImages(cfg.mean, cfg.std)``.
+    An image of any mode (grey, RGBA, palette, 16-bit) is made 8-bit RGB first, as ``load_rgb`` makes
+    it; anything but a PIL image is refused (``TypeError``).
 
     Build with a config (``MultiCropAugmentation(cfg)``) or with the recipe's defaults changed
     by keyword (``MultiCropAugmentation(local_crops_number=10, global_crops_size=32)``).
@@ -113,8 +116,17 @@ class MultiCropAugmentation:
     def num_views(self) -> int:
         return len(self.view_transforms)
 
-    def __call__(self, image) -> list[torch.Tensor]:
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"MultiCropAugmentation takes a PIL image, got {type(image).__name__}: "
+                            f"open files with PIL.Image.open or dinokit.data.folders.load_rgb")
+        image = to_rgb(image)
         return [t(image) for t in self.view_transforms]
+
+
+def _pil_to_rgb(image):
+    """A PIL image as 8-bit RGB (``load_rgb``'s conversion); tensors pass unchanged."""
+    return to_rgb(image) if isinstance(image, Image.Image) else image
 
 
 def eval_resize_side(crop_size: int = 224) -> int:
@@ -124,8 +136,13 @@ def eval_resize_side(crop_size: int = 224) -> int:
 
 def eval_transform(crop_size: int = 224, mean=TrainConfig.model_fields["mean"].default,
                    std=TrainConfig.model_fields["std"].default) -> v2.Compose:
-    """Resize the short side to ``eval_resize_side(crop_size)``, centre-crop ``crop_size``, normalise."""
+    """Resize the short side to ``eval_resize_side(crop_size)``, centre-crop ``crop_size``, normalise:
+    a PIL image (of any mode, made 8-bit RGB first as ``load_rgb`` makes it) or a ``3 x H x W`` tensor
+    (``uint8``, or float in [0, 1]) -> float32 ``3 x crop_size x crop_size``."""
+    if crop_size < 1:
+        raise ValueError(f"crop_size must be at least 1 pixel, got {crop_size}")
     return v2.Compose([
+        _pil_to_rgb,
         v2.Resize(eval_resize_side(crop_size), interpolation=BICUBIC, antialias=True),
         v2.CenterCrop(crop_size),
         v2.ToImage(),

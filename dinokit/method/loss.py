@@ -19,6 +19,17 @@ from torch import nn
 
 
 class DINOLoss(nn.Module):
+    """The DINO loss with its centre: ``DINOLoss(K)(student_logits, teacher_logits, teacher_temp)``.
+
+    Args:
+        out_dim: ``K``, the number of prototypes (the head's ``out_dim``).
+        student_temp: the student's softmax temperature.
+        center_momentum: ``m`` of the centre's EMA (``update_center``).
+
+    The logits are ``(views * B) x K``, grouped by view, on the device of the loss (``.to(device)``
+    moves the centre there); anything else is refused with a ``ValueError`` naming the shape.
+    """
+
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
         self.student_temp = student_temp
@@ -42,6 +53,9 @@ class DINOLoss(nn.Module):
         ``kl`` = KL(P_t || P_s). Under a launcher each process reports its own share of the batch
         (the loop averages them). Uniform collapse: both entropies near ln K; collapse to one
         dimension: both near 0; a healthy run: the first low, the second high."""
+        self._check_logits("teacher_logits", teacher_logits, num_teacher_views, "num_teacher_views")
+        self._check_logits("student_logits", student_logits, teacher_logits.shape[0] // num_teacher_views,
+                           "B, the batch of each teacher view")
         num_student_views = student_logits.shape[0] * num_teacher_views // teacher_logits.shape[0]
         teacher_p, teacher_entropy = self.teacher_probs(teacher_logits.detach(), teacher_temp)
         loss = _PairedCrossEntropy.apply(student_logits, teacher_p, self.student_temp, num_teacher_views,
@@ -59,6 +73,7 @@ class DINOLoss(nn.Module):
         ``apply``: 0 keeps the centre as it is (a skipped step); a 0-d tensor when that is decided
         on the device. Every process must call this (the mean is all-reduced).
         """
+        self._check_logits("teacher_logits", teacher_logits, 1, "at least one row")
         batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)
         count = torch.full((1,), float(teacher_logits.shape[0]), device=teacher_logits.device)  # no host copy
         if dist.is_available() and dist.is_initialized():
@@ -70,6 +85,20 @@ class DINOLoss(nn.Module):
         elif not apply:
             return
         self.center.copy_(updated)
+
+    def _check_logits(self, name: str, logits: torch.Tensor, rows_multiple: int, multiple_is: str) -> None:
+        """``ValueError`` unless ``logits`` is ``N x K`` (``N`` a positive multiple of ``rows_multiple``)
+        on the centre's device. Reads shapes only: no device synchronisation."""
+        k = self.center.shape[1]
+        if logits.ndim != 2 or logits.shape[1] != k:
+            raise ValueError(f"{name} must be (views * B) x K with K = {k} (this loss's out_dim), "
+                             f"got shape {tuple(logits.shape)}")
+        if logits.shape[0] == 0 or logits.shape[0] % rows_multiple:
+            raise ValueError(f"{name} has {logits.shape[0]} rows, not a positive multiple of {rows_multiple} "
+                             f"({multiple_is}); rows are grouped by view, view 0's B rows first")
+        if logits.device != self.center.device:
+            raise ValueError(f"{name} is on {logits.device}, the loss's centre on {self.center.device}: "
+                             f"move the loss there with .to(device)")
 
 
 class _PairedCrossEntropy(torch.autograd.Function):

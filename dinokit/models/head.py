@@ -66,6 +66,8 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  nlayers: int = 3, norm_last_layer: bool = True) -> None:
         super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"nlayers must be at least 1 (the MLP's linear layers), got {nlayers}")
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i in range(nlayers):

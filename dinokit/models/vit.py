@@ -146,7 +146,8 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT backbone; ``forward`` returns the normalised [CLS] feature, ``B x D``.
+    """ViT backbone; ``forward`` returns the [CLS] feature after the final LayerNorm (not
+    L2-normalised), ``B x D``.
 
     Args:
         img_size: side in pixels the position embeddings are made for.
@@ -157,6 +158,8 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 6, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, in_chans: int = 3) -> None:
         super().__init__()
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be at least 1 pixel, got {patch_size}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.patch_size = patch_size
@@ -205,7 +208,15 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``B x 3 x H x W`` -> tokens ``B x T x D`` with [CLS] and positions."""
+        """Images ``B x 3 x H x W`` (float, normalised) -> tokens ``B x T x D`` with [CLS] and
+        positions; ``ValueError`` for any other shape or an integer dtype."""
+        channels = self.patch_embed.proj.in_channels
+        if x.ndim != 4 or x.shape[1] != channels:
+            one_image = " (one image? add the batch dimension: x[None])" if x.ndim == 3 else ""
+            raise ValueError(f"images must be B x {channels} x H x W, got shape {tuple(x.shape)}{one_image}")
+        if not x.is_floating_point():
+            raise ValueError(f"images must be floating point, normalised (NormalizeImages converts uint8 "
+                             f"ones), got {x.dtype}")
         b, _, h, w = x.shape
         p = self.patch_size
         if h % p or w % p:
@@ -222,9 +233,9 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The normalised [CLS] feature, ``B x D``: ``forward_features(x)[:, 0]``, with the last
-        block run for [CLS] alone (its outputs at the other tokens would be thrown away), which
-        saves ~5/6 of that block's compute (~7% of a 12-block ViT)."""
+        """The [CLS] feature after the final LayerNorm, ``B x D``: ``forward_features(x)[:, 0]``,
+        with the last block run for [CLS] alone (its outputs at the other tokens would be thrown
+        away), which saves ~5/6 of that block's compute (~7% of a 12-block ViT)."""
         x = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             x = self._block(block, x)

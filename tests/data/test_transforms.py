@@ -7,6 +7,7 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
 from dinokit.config import TrainConfig
+from dinokit.data.folders import to_rgb
 from dinokit.data.transforms import (MultiCropAugmentation, NormalizeImages, RandomGaussianBlur, crop_source_side,
                                      eval_resize_side, eval_transform)
 
@@ -177,3 +178,28 @@ def test_same_seed_same_views():
     torch.manual_seed(5)
     b = aug(img)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "1"])
+def test_images_of_any_mode_become_rgb_views_as_load_rgb_makes_them(mode):
+    image = Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode)
+    aug = MultiCropAugmentation(**QUIET)
+    views = aug(image)
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    torch.manual_seed(0)
+    expected = aug(to_rgb(image))
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(aug(image), expected))
+    assert eval_transform(32)(image).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("wrong", [torch.zeros(3, 40, 40, dtype=torch.uint8), np.zeros((40, 40, 3), np.uint8), "x.jpg"])
+def test_views_of_anything_but_a_pil_image_are_refused_with_one_message(wrong):
+    with pytest.raises(TypeError, match=f"takes a PIL image, got {type(wrong).__name__}"):
+        MultiCropAugmentation(**QUIET)(wrong)
+
+
+@pytest.mark.parametrize("size", [0, -32])
+def test_eval_transform_refuses_a_crop_of_no_pixels(size):
+    with pytest.raises(ValueError, match=f"crop_size must be at least 1 pixel, got {size}"):
+        eval_transform(size)

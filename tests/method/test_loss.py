@@ -123,3 +123,36 @@ def test_batch_entropy_tells_a_healthy_teacher_from_collapse():
     _, stats = loss_fn(torch.randn(16, k), teacher, 0.04)
     assert stats["teacher_entropy"].item() < 1e-3
     assert stats["teacher_batch_entropy"].item() == pytest.approx(math.log(k), rel=1e-5)
+
+
+@pytest.mark.parametrize("student_shape, teacher_shape, match", [
+    ((8, 16), (4, 10), r"K = 16 .* got shape \(4, 10\)"),  # teacher logits of another head
+    ((8, 10), (4, 10), r"K = 16 .* got shape \(4, 10\)"),
+    ((4, 2, 16), (2, 2, 16), r"got shape \(2, 2, 16\)"),  # views x B x K instead of (views * B) x K
+    ((9, 16), (3, 16), "teacher_logits has 3 rows, not a positive multiple of 2"),  # silently wrong before
+    ((7, 16), (4, 16), "student_logits has 7 rows, not a positive multiple of 2"),
+    ((8, 16), (0, 16), "teacher_logits has 0 rows"),
+])
+def test_logits_of_the_wrong_shape_are_refused_with_one_message(student_shape, teacher_shape, match):
+    with pytest.raises(ValueError, match=match):
+        DINOLoss(16)(torch.randn(student_shape), torch.randn(teacher_shape), 0.04)
+
+
+def test_centre_update_refuses_logits_of_the_wrong_shape_and_keeps_the_centre():
+    loss_fn = DINOLoss(16)
+    for bad in (torch.randn(16), torch.randn(4, 10), torch.randn(2, 4, 16)):  # a 1-D row was broadcast before
+        with pytest.raises(ValueError, match="K = 16"):
+            loss_fn.update_center(bad)
+    assert torch.equal(loss_fn.center, torch.zeros(1, 16))
+
+
+def test_logits_on_another_device_than_the_centre_are_refused():
+    student, teacher = torch.randn(8, 16, device="meta"), torch.randn(4, 16, device="meta")
+    with pytest.raises(ValueError, match=r"on meta, the loss's centre on cpu: move the loss there with \.to\(device\)"):
+        DINOLoss(16)(student, teacher, 0.04)
+    with pytest.raises(ValueError, match="on meta"):
+        DINOLoss(16).update_center(teacher)
+
+
+def test_the_class_documents_its_arguments():
+    assert "out_dim" in DINOLoss.__doc__ and "(views * B) x K" in DINOLoss.__doc__

@@ -47,3 +47,42 @@ def test_masked_ema_updates_on_one_and_leaves_the_teacher_on_zero(device):
     update_teacher(teacher, student, 0.9, apply=torch.tensor(1.0, device=device))
     for p, b, s in zip(teacher.parameters(), before, student.parameters()):
         assert torch.allclose(p, 0.9 * b + 0.1 * s, atol=1e-7)
+
+
+def test_teacher_of_a_timm_backbone_has_no_drop_path():
+    pytest.importorskip("timm")
+    from dinokit.models.backbones import build_backbone
+    student = build_backbone("timm:vit_tiny_patch16_224", img_size=32, drop_path_rate=0.5)
+    teacher = make_teacher(student)  # in training mode, as the loop runs it
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(teacher(x), teacher(x))  # a DropPath module still dropping made these differ
+    assert student.blocks[-1].drop_path1.drop_prob == 0.5
+
+
+@pytest.mark.parametrize("other, match", [
+    (nn.Linear(5, 3), r"parameter weight: teacher \(4, 5\) torch.float32 on cpu, student \(3, 5\)"),
+    (nn.Linear(5, 4).double(), "parameter weight: .* student \\(4, 5\\) torch.float64"),
+])
+def test_ema_between_networks_that_differ_names_the_parameter(other, match):
+    teacher = make_teacher(nn.Linear(5, 4))
+    with pytest.raises(ValueError, match=match):
+        update_teacher(teacher, other, 0.9)
+
+
+def test_ema_with_a_teacher_on_another_device_names_it():
+    student = nn.Linear(5, 4)
+    teacher = make_teacher(student).to("meta")  # the student moved to the GPU after make_teacher, say
+    with pytest.raises(ValueError, match="teacher .* on meta, student .* on cpu"):
+        update_teacher(teacher, student, 0.9)
+
+
+def test_ema_with_the_arguments_swapped_is_refused_and_changes_nothing():
+    student = nn.Linear(5, 4)
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    before = student.weight.clone()
+    with pytest.raises(ValueError, match=r"update_teacher\(teacher, student, momentum\)"):
+        update_teacher(student, teacher, 0.9)  # lightly's update_momentum takes the student first
+    assert torch.equal(student.weight, before)

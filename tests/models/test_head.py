@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -64,3 +65,28 @@ def test_weight_norm_gradients_equal_autograd_through_the_formula():
     fixed = WeightNormLinear(8, 12).double()
     fixed(x).sum().backward()
     assert fixed.weight_g.grad is None and fixed.weight_v.grad is not None
+
+
+def test_a_head_without_layers_is_refused():
+    with pytest.raises(ValueError, match="nlayers must be at least 1"):
+        DINOHead(192, 64, nlayers=0)  # built before, then failed on the first batch
+
+
+@pytest.mark.parametrize("views", [
+    [],
+    [torch.randn(3, 32, 32), torch.randn(3, 32, 32)],  # the views of one image, not a batch
+    [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)],  # silently (5 x K) logits before
+    [[torch.randn(3, 32, 32)] * 2],  # a list per image
+])
+def test_views_that_are_not_a_batch_are_refused_with_one_message(views):
+    model = MultiCropModel(vit("vit_tiny", patch_size=8, img_size=32), DINOHead(192, 50, 32, 16))
+    with pytest.raises(ValueError, match="views must be a non-empty list of B x 3 x H x W tensors with the same B"):
+        model(views)
+
+
+def test_views_as_a_tuple_or_generator_equal_a_list():
+    model = MultiCropModel(vit("vit_tiny", patch_size=8, img_size=32).eval(), DINOHead(192, 50, 32, 16))
+    views = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    with torch.no_grad():
+        expected = model(views)
+        assert torch.allclose(model(tuple(views)), expected) and torch.allclose(model(v for v in views), expected)

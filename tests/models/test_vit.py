@@ -224,3 +224,21 @@ def test_registry_resnet_timm_and_unknown():
         build_backbone("vit_giant")
     with pytest.raises(UnknownArchError, match="timm has no model"):
         build_backbone("timm:not_a_model")
+
+
+@pytest.mark.parametrize("images, match", [
+    (torch.randn(3, 32, 32), r"B x 3 x H x W, got shape \(3, 32, 32\) \(one image\? add the batch dimension"),
+    (torch.randn(2, 32, 32, 3), r"B x 3 x H x W, got shape \(2, 32, 32, 3\)$"),  # channels last
+    (torch.randn(2, 1, 32, 32), r"B x 3 x H x W, got shape \(2, 1, 32, 32\)$"),  # grey
+    (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "images must be floating point, normalised .* got torch.uint8"),
+])
+def test_images_of_the_wrong_shape_or_dtype_are_refused_with_one_message(images, match):
+    model = vit("vit_tiny", patch_size=8, img_size=32)
+    for method in (model, model.forward_features, model.get_last_selfattention):
+        with pytest.raises(ValueError, match=match):
+            method(images)
+
+
+def test_a_patch_of_no_pixels_is_refused():
+    with pytest.raises(ValueError, match="patch_size must be at least 1 pixel, got 0"):
+        vit("vit_tiny", patch_size=0)
