@@ -11,6 +11,7 @@ A checkpoint is a dict of tensors and plain values (loadable with
 
 ``save_checkpoint`` writes to a temporary file in the same folder, flushes and fsyncs it, then
 renames it over the old file, so at every instant the folder holds a complete checkpoint.
+``keep_checkpoint`` keeps an epoch's checkpoint beside it the same way, as a hard link.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,12 +41,42 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     if bad:
         raise CheckpointError(f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}; "
                               "the previous checkpoint is intact")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+
+    _replace_atomically(path, write, lambda: _estimate_bytes(state))
+
+
+def keep_checkpoint(latest: str | Path, path: str | Path) -> None:
+    """Atomically make ``path`` a checkpoint equal to ``latest`` (an epoch's checkpoint kept beside
+    the latest): a hard link, so the two take the disk space of one, or a copy where the folder's
+    file system has no links. Safe because dinokit replaces checkpoint files, never writes into them.
+    """
+    latest, path = Path(latest), Path(path)
+    _replace_atomically(path, lambda tmp: link_or_copy(latest, tmp), lambda: latest.stat().st_size)
+
+
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """Make ``target`` a hard link to the file ``source``, or a copy (fsynced) where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None], size: Callable[[], int]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``; ``size()`` is
+    the number of bytes it needs, for the message when the disk is full."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)  # a link cannot be made over a leftover of a killed save
+        write(tmp)
         _test_pause()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -54,7 +85,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(path.parent).free
             raise CheckpointError(
-                f"no space left in {path.parent} to write a checkpoint (about {_estimate_bytes(state) / 2**20:.0f} MiB "
+                f"no space left in {path.parent} to write a checkpoint (about {size() / 2**20:.0f} MiB "
                 f"needed, {free / 2**20:.0f} MiB free); the previous checkpoint is intact. Free space and run again "
                 "to resume.") from None
         raise CheckpointError(f"could not write checkpoint {path}: {err}; the previous checkpoint is intact") from None
@@ -102,7 +133,7 @@ def _earlier_checkpoints(path: Path) -> str:
     """For a run's latest checkpoint: the epoch checkpoints beside it that could replace it."""
     if path.name != LATEST:
         return ""
-    kept = sorted(path.parent.glob("checkpoint_epoch*.pth"))
+    kept = sorted(p for p in path.parent.glob("checkpoint_epoch*.pth") if not p.samefile(path))  # not a link to it
     if not kept:
         return ""
     return (f"; {kept[-1].name} beside it holds an earlier state of the run: copy it to {path} to resume from "

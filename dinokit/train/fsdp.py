@@ -36,6 +36,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from dinokit.config import ConfigError
+from dinokit.train.checkpoint import link_or_copy
 
 if TYPE_CHECKING:
     from dinokit.train.loop import DINOState
@@ -120,8 +121,8 @@ def save_sharded(folder: Path, state: "DINOState", record: dict[str, Any], copy_
     """Write ``state`` and ``record`` (plain values by name: the run's config ``args``, the
     fingerprints of its ``images``) to the DCP folder ``folder``; a collective.
 
-    The new folder replaces the old one only once it is complete. ``copy_to`` also keeps a copy
-    there (the epoch checkpoints).
+    The new folder replaces the old one only once it is complete. ``copy_to`` also keeps it
+    there (the epoch checkpoints), its files hard links to the new folder's.
     """
     main = _single() or dist.get_rank() == 0
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -138,9 +139,12 @@ def save_sharded(folder: Path, state: "DINOState", record: dict[str, Any], copy_
             folder.rename(old)
         tmp.rename(folder)
         shutil.rmtree(old, ignore_errors=True)
-        if copy_to is not None:
+        if copy_to is not None:  # its files linked (DCP files are never rewritten), complete before it is renamed
+            staged = copy_to.with_name(f".{copy_to.name}.tmp")
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(folder, staged, copy_function=link_or_copy)
             shutil.rmtree(copy_to, ignore_errors=True)
-            shutil.copytree(folder, copy_to)
+            staged.rename(copy_to)
     _barrier()
 
 

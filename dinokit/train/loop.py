@@ -37,7 +37,7 @@ from dinokit.method.teacher import make_teacher, update_teacher
 from dinokit.models.backbones import build_backbone, enable_grad_checkpointing
 from dinokit.models.head import DINOHead
 from dinokit.models.multicrop import MultiCropModel
-from dinokit.train.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from dinokit.train.checkpoint import LATEST, keep_checkpoint, load_checkpoint, save_checkpoint
 from dinokit.train.distributed import (DistEnv, any_process, check_agreement, cores_of_this_process, cpu_has_amx,
                                        fingerprint, gpu_loader_workers, init_distributed, leaders_first,
                                        sum_over_processes, lost_peer, lost_peer_error, mean_over_processes,
@@ -474,7 +474,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             return
         save_checkpoint(payload, ckpt_path)
         if keep:
-            save_checkpoint(payload, keep.with_suffix(".pth"))
+            keep_checkpoint(ckpt_path, keep.with_suffix(".pth"))
             for suffix in (".pth", ".dcp"):
                 for old in sorted(out.glob(f"checkpoint_epoch*{suffix}"))[:-cfg.keep_checkpoints]:
                     shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)

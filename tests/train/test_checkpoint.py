@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dinokit.train import checkpoint as ckpt_mod
-from dinokit.train.checkpoint import LATEST, CheckpointError, load_checkpoint, save_checkpoint
+from dinokit.train.checkpoint import LATEST, CheckpointError, keep_checkpoint, load_checkpoint, save_checkpoint
 
 
 def test_round_trip_with_weights_only(tmp_path):
@@ -33,6 +33,40 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_a_kept_checkpoint_is_a_link_that_outlives_the_next_save(tmp_path):
+    latest, kept = tmp_path / LATEST, tmp_path / "checkpoint_epoch0001.pth"
+    save_checkpoint({"step": 1}, latest)
+    (tmp_path / f".{kept.name}.tmp").write_bytes(b"left by a killed save")
+    keep_checkpoint(latest, kept)
+    assert kept.stat().st_ino == latest.stat().st_ino  # one copy on disk
+    save_checkpoint({"step": 2}, latest)
+    assert load_checkpoint(kept)["step"] == 1 and load_checkpoint(latest)["step"] == 2
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_kept_checkpoint_is_copied_where_links_fail_and_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch):
+    latest, kept = tmp_path / LATEST, tmp_path / "checkpoint_epoch0001.pth"
+    save_checkpoint({"step": 1}, latest)
+    save_checkpoint({"step": 0}, kept)
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(ckpt_mod.os, "link", no_links)
+    keep_checkpoint(latest, kept)
+    assert kept.stat().st_ino != latest.stat().st_ino and load_checkpoint(kept)["step"] == 1
+
+    save_checkpoint({"step": 2}, latest)
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.shutil, "copyfile", full_disk)
+    with pytest.raises(CheckpointError, match="no space left.*MiB needed.*previous checkpoint is intact"):
+        keep_checkpoint(latest, kept)
+    assert load_checkpoint(kept)["step"] == 1 and not list(tmp_path.glob(".*tmp"))
+
+
 def test_untrusted_pickles_are_refused(tmp_path):
     torch.save({"obj": Fraction(1, 3)}, tmp_path / "evil.pth")  # any class outside the weights-only allow-list
     with pytest.raises(CheckpointError, match="trust"):
@@ -57,6 +91,11 @@ def test_a_cut_short_checkpoint_names_the_epoch_checkpoint_beside_it(tmp_path):
     with pytest.raises(CheckpointError, match="is cut short .*checkpoint_epoch0001.pth beside it holds an earlier"):
         load_checkpoint(tmp_path)
     assert load_checkpoint(tmp_path / "checkpoint_epoch0001.pth") == {"step": 3}
+    (tmp_path / "checkpoint_epoch0001.pth").unlink()
+    (tmp_path / "checkpoint_epoch0001.pth").hardlink_to(tmp_path / LATEST)  # the same file: no earlier state
+    with pytest.raises(CheckpointError, match="is cut short") as err:
+        load_checkpoint(tmp_path)
+    assert "beside it" not in str(err.value)
 
 
 def test_python_objects_load_only_when_trusted(tmp_path):

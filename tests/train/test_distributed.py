@@ -288,6 +288,9 @@ def test_fsdp_is_refused_on_a_torch_it_is_not_tested_on(monkeypatch, version, re
 def test_fsdp_two_processes_equal_one_process(fsdp_run, reference):
     assert (fsdp_run / "checkpoint.dcp" / ".metadata").exists()
     assert torch.load(fsdp_run / "checkpoint.pth", weights_only=True)["optimizer"] is None
+    # The last epoch's kept folder links the latest one's files: one copy on disk.
+    assert (fsdp_run / "checkpoint_epoch0002.dcp" / ".metadata").samefile(fsdp_run / "checkpoint.dcp" / ".metadata")
+    assert not list(fsdp_run.glob(".*tmp"))
     _assert_same_run(fsdp_run, reference)
 
 

@@ -41,6 +41,7 @@ def test_short_run_writes_everything(textures_dir, tmp_path):
     assert ckpt["dino_loss"]["center"].shape == (1, 64) and ckpt["dino_loss"]["center"].abs().sum() > 0
     assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "vit_tiny"
     assert (out / "checkpoint_epoch0002.pth").exists() and not (out / "checkpoint_epoch0001.pth").exists()
+    assert (out / "checkpoint_epoch0002.pth").samefile(out / "checkpoint.pth")  # the last epoch's: one copy on disk
     # The teacher moved towards the student but is not a copy of it.
     t, s = ckpt["teacher"]["backbone.norm.weight"], ckpt["student"]["module.backbone.norm.weight"]
     assert not torch.equal(t, s) and not torch.equal(t, torch.ones_like(t))
