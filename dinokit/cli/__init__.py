@@ -128,7 +128,7 @@ def _print_knn_summary(results: dict) -> None:
         return
     ks = list(next(iter(results.values())).keys())
     click.echo("\nk-NN top-1 accuracy on held-out images (%):")
-    click.echo(f"  {'':<14}" + "".join(f"{'k=' + k:>9}" for k in ks))
+    click.echo(f"  {'':<14}" + "".join(f"{f'k={k}':>9}" for k in ks))
     for name, scores in results.items():
         click.echo(f"  {name:<14}" + "".join(f"{scores[k]['top1']:>9.1f}" for k in ks))
 

@@ -95,6 +95,15 @@ def scan_folder(root: str | Path, skip: str | Path | None = None) -> ImageList:
     return ImageList(root, paths, [index[parts[0]] for parts in tops], classes)
 
 
+def image_list(images: ImageList | str | Path) -> ImageList:
+    """``images`` as an ``ImageList``: a folder's path is scanned (``scan_folder``)."""
+    if isinstance(images, ImageList):
+        return images
+    if isinstance(images, (str, Path)):
+        return scan_folder(images)
+    raise TypeError(f"expected an ImageList or a folder's path, got {type(images).__name__}")
+
+
 def _image_files(root: Path, skip: Path | None) -> Iterator[Path]:
     seen: set[str] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinokit.data.folders import ImageList
+from dinokit.data.folders import ImageList, image_list
 from dinokit.eval.features import Features, cached_features
 from dinokit.extras import require
 
@@ -184,11 +184,13 @@ def plot_embeddings(embeddings: Embeddings, out: str | Path, method: str = "tsne
     return out
 
 
-def embed_images(backbone, images: ImageList, crop_size: int = 224, mean=None, std=None, env=None,
+def embed_images(backbone, images: ImageList | str | Path, crop_size: int = 224, mean=None, std=None, env=None,
                  **kwargs) -> Embeddings | None:
-    """Embeddings of every readable image of ``images`` (``kwargs`` go to ``extract_features``).
+    """Embeddings of every readable image of ``images``, an ``ImageList`` or a folder's path
+    (``kwargs`` go to ``extract_features``).
 
     Under a launcher pass ``env`` (the ``DistEnv``) on every process: each extracts its share and
     process 0 gets all rows; the other processes get ``None``."""
+    images = image_list(images)
     features = cached_features(backbone, images, crop_size=crop_size, mean=mean, std=std, env=env, **kwargs)
     return None if features is None else Embeddings.from_features(features, images)

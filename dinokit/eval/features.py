@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain
-from dinokit.data.folders import DataError, ImageList
+from dinokit.data.folders import DataError, ImageList, image_list
 from dinokit.data.transforms import eval_resize_side, eval_transform
 from dinokit.hub.load import LATEST, open_backbone, open_untrained
 from dinokit.models.backbones import is_vit
@@ -60,17 +60,19 @@ def fingerprint(*parts) -> str:
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: ImageList,
+def extract_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: ImageList | str | Path,
                      crop_size: int = 224, mean=None, std=None, batch_size: int = 256,
                      device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
                      cache: str | Path | None = None, desc: str = "features") -> Features:
-    """Features of every image; ``backbone`` maps ``B x 3 x S x S`` to ``B x D``.
+    """Features of every image (an ``ImageList`` or a folder's path); ``backbone`` maps
+    ``B x 3 x S x S`` to ``B x D``.
 
     With ``cache`` (a file path) a previous result stored there is returned as is, and a new
     one is written there. Rows follow ``images.paths`` minus the files that failed to load.
     """
     if cache is not None and Path(cache).exists():
         return Features.load(cache)
+    images = image_list(images)
     device = torch.device(device)
     kwargs = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     dataset = ImageDataset(images, eval_transform(crop_size, **kwargs), min_side=eval_resize_side(crop_size))
@@ -100,7 +102,7 @@ def extract_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor
     return result
 
 
-def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: ImageList,
+def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: ImageList | str | Path,
                     cache_dir: str | Path | None = None, cache_tag: str | None = None, kind: str = "cls",
                     crop_size: int = 224, mean=None, std=None, env=None, **kwargs) -> Features | None:
     """``extract_features`` cached in ``cache_dir/<kind>-<key>.pt``.
@@ -116,6 +118,7 @@ def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     """
     from dinokit.train.distributed import any_process, gather_features
 
+    images = image_list(images)
     mean = tuple(float(m) for m in (mean if mean is not None else IMAGENET_MEAN))
     std = tuple(float(s) for s in (std if std is not None else IMAGENET_STD))
     cache = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dinokit.data.folders import image_list
 from dinokit.eval.features import cached_features, check_label_sets, relabel
 
 
@@ -38,20 +39,24 @@ def top_k_neighbours(queries: torch.Tensor, memory: torch.Tensor, k: int, query_
 
 @torch.no_grad()
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, ks: tuple[int, ...] | list[int] = (10, 20, 100, 200),
+                 test_labels: torch.Tensor, ks: int | tuple[int, ...] | list[int] = (10, 20, 100, 200),
                  temperature: float = 0.07, num_classes: int | None = None, query_chunk: int = 1024
                  ) -> dict[int, dict[str, float]]:
     """Top-1 and top-5 accuracy (percent) of weighted k-NN for every ``k`` in ``ks``.
 
     ``train_features`` ``M x D``, ``test_features`` ``Q x D`` (normalised here), labels are
-    class indices. A ``k`` larger than ``M`` is scored once, as ``k = M`` (the whole memory). Ties in the vote go to the
-    lower class index (a stable sort); a class no neighbour voted for never counts as a top-5
+    ``M`` and ``Q`` class indices (tensors or lists); other shapes, ``k < 1`` or ``T <= 0`` are a
+    ``ValueError``. A ``k`` larger than ``M`` is scored once, as ``k = M`` (the whole memory). Ties in
+    the vote go to the lower class index (a stable sort); a class no neighbour voted for never counts as a top-5
     guess. Votes are computed as ``exp((s - s_max) / T)``, the same ranking as ``exp(s / T)``
     without overflow at small ``T``. Queries go in chunks of ``query_chunk``.
     Returns ``{k: {"top1": ..., "top5": ...}}``.
     """
-    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
-        raise ValueError("k-NN needs at least one memory and one query feature")
+    ks = (ks,) if isinstance(ks, int) else tuple(ks)
+    train_labels, test_labels = torch.as_tensor(train_labels), torch.as_tensor(test_labels)
+    _check_inputs(train_features, train_labels, test_features, test_labels, ks)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     memory = F.normalize(train_features.float(), dim=1)
     queries = F.normalize(test_features.float(), dim=1)
     train_labels = train_labels.long().to(memory.device)
@@ -76,11 +81,30 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return {k: {"top1": 100.0 * h[0].item() / n, "top5": 100.0 * h[1].item() / n} for k, h in hits.items()}
 
 
+def _check_inputs(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                  test_labels: torch.Tensor, ks: tuple[int, ...]) -> None:
+    """``ValueError`` unless the features are ``N x D`` with one class index per row and every ``k >= 1``."""
+    if not ks or min(ks) < 1:
+        raise ValueError(f"every k must be at least 1, got {ks}")
+    for name, features, labels in (("train", train_features, train_labels), ("test", test_features, test_labels)):
+        if features.ndim != 2 or features.shape[0] == 0:
+            raise ValueError(f"{name}_features must be N x D with N >= 1, got shape {tuple(features.shape)}")
+        if labels.shape != features.shape[:1] or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"{name}_labels must be {features.shape[0]} class indices (integers), one per "
+                             f"feature row, got {labels.dtype} of shape {tuple(labels.shape)}")
+        if labels.min() < 0:
+            raise ValueError(f"{name}_labels must be class indices >= 0, got {int(labels.min())}")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"train and test features differ in width: {train_features.shape[1]} and "
+                         f"{test_features.shape[1]}")
+
+
 def knn_evaluate(backbone, train_images, test_images, crop_size: int = 224, ks=(10, 20, 100, 200),
                  temperature: float = 0.07, mean=None, std=None, batch_size: int = 256, device="cpu",
                  num_workers: int = 0, progress: bool = True, cache_dir=None, cache_tag: str | None = None,
                  env=None) -> dict[int, dict[str, float]] | None:
-    """Extract features of two labelled ``ImageList``s with ``backbone`` and run ``knn_classify``.
+    """Extract features of two labelled ``ImageList``s (or folders' paths) with ``backbone`` and run
+    ``knn_classify``.
 
     With ``cache_dir`` and ``cache_tag`` (a fingerprint of the weights) the features are cached
     per image set, so evaluating the same weights on the same data again reads them back. Test
@@ -90,6 +114,7 @@ def knn_evaluate(backbone, train_images, test_images, crop_size: int = 224, ks=(
     Under a launcher pass ``env`` (the ``DistEnv``) on every process: the features are extracted
     in shares and process 0 scores them; the other processes return ``None``.
     """
+    train_images, test_images = image_list(train_images), image_list(test_images)
     check_label_sets(train_images, test_images, "k-NN evaluation")
     common = dict(cache_dir=cache_dir, cache_tag=cache_tag, kind="cls", crop_size=crop_size, mean=mean, std=std,
                   batch_size=batch_size, device=device, num_workers=num_workers, progress=progress, env=env)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain
-from dinokit.data.folders import ImageList
+from dinokit.data.folders import ImageList, image_list
 from dinokit.data.transforms import BICUBIC, NormalizeImages, crop_source_side
 from dinokit.eval.features import Features, cached_features, check_label_sets, relabel
 from dinokit.models.backbones import is_vit
@@ -182,18 +182,19 @@ class ProbeBatches(Sampler):
         return self.epochs * self.batches_per_epoch
 
 
-def linear_probe(backbone: nn.Module, train_images: ImageList, test_images: ImageList, epochs: int = 100,
-                 lr: float = 0.001, batch_size: int = 256, n_last_blocks: int = 4, avgpool: bool = False,
+def linear_probe(backbone: nn.Module, train_images: ImageList | str | Path, test_images: ImageList | str | Path,
+                 epochs: int = 100, lr: float = 0.001, batch_size: int = 256, n_last_blocks: int = 4, avgpool: bool = False,
                  augment: bool = True, crop_size: int = 224, mean=None, std=None, device: torch.device | str = "cpu",
                  num_workers: int = 0, seed: int = 0, progress: bool = True, cache_dir: str | Path | None = None,
                  cache_tag: str | None = None) -> ProbeResult:
-    """The DINO linear evaluation of ``backbone`` (frozen) on two labelled image lists.
+    """The DINO linear evaluation of ``backbone`` (frozen) on two labelled image lists (or folders' paths).
 
     ``lr`` is the base rate for a batch of 256. With ``augment=False`` the training features are
     extracted once (evaluation transform) and cached like the test features (``cache_dir`` and
     ``cache_tag`` as in ``cached_features``); with ``augment=True`` every epoch sees new random
     crops and flips of the training images. Best and last test accuracy are reported.
     """
+    train_images, test_images = image_list(train_images), image_list(test_images)
     check_label_sets(train_images, test_images, "the linear probe")
     device = torch.device(device)
     mean = tuple(mean if mean is not None else IMAGENET_MEAN)

@@ -59,7 +59,7 @@ class RunResult:
     out: Path
     steps: int
     interrupted: bool = False  # stopped by a signal, after saving a checkpoint
-    knn: dict = field(default_factory=dict)
+    knn: dict = field(default_factory=dict)  # by evaluation name ('final'), then by k: {'top1': %, 'top5': %}
     main: bool = True  # False on the other processes of a distributed run (the main one reports)
     stop_signal: int | None = None  # the signal that stopped it (SIGINT, SIGTERM)
 
@@ -546,5 +546,6 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
         print(f"dinokit: report {write_report(out)}")
     if env.distributed:
         dist.barrier()
-    return RunResult(out, state.step, interrupted, knn.results, env.is_main,
+    scores = {name: {int(k): v for k, v in by_k.items()} for name, by_k in knn.results.items()}  # as knn_classify's
+    return RunResult(out, state.step, interrupted, scores, env.is_main,
                      (stop.received or signal.SIGTERM) if interrupted else None)

@@ -39,3 +39,13 @@ def test_a_run_folder_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "afile").write_text("x")
     result = CliRunner().invoke(main, ["train", "--config", "laptop", "--out", str(tmp_path / "afile"), "device=cpu"])
     assert result.exit_code == 2 and "is a file, not a folder" in result.output
+
+
+def test_the_closing_knn_table_has_a_column_per_k(capsys):
+    from dinokit.cli import _print_knn_summary
+
+    _print_knn_summary({"untrained": {10: {"top1": 40.25, "top5": 90.0}, 48: {"top1": 31.0, "top5": 88.0}},
+                        "final": {10: {"top1": 80.0, "top5": 99.0}, 48: {"top1": 71.5, "top5": 98.0}}})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3].split() == ["k=10", "k=48"]
+    assert lines[-2].split() == ["untrained", "40.2", "31.0"] and lines[-1].split() == ["final", "80.0", "71.5"]

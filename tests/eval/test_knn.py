@@ -58,6 +58,24 @@ def test_hand_case_with_a_tie_a_single_query_and_k_beyond_the_memory():
     assert knn_classify(memory, labels, query, torch.tensor([2]), ks=(50, 3)) == {3: {"top1": 0.0, "top5": 100.0}}
 
 
+def test_one_k_and_labels_as_lists_work_and_bad_inputs_are_one_message():
+    memory, queries = torch.eye(3), torch.eye(3)[:2]
+    assert knn_classify(memory, [0, 1, 2], queries, [0, 1], ks=1) == {1: {"top1": 100.0, "top5": 100.0}}
+    for args, message in [
+        ((memory, [0, 1], queries, [0, 1]), r"train_labels must be 3 class indices .* shape \(2,\)"),
+        ((memory, [0.0, 1.0, 2.0], queries, [0, 1]), "train_labels must be 3 class indices"),
+        ((memory, [0, 1, 2], queries[0], [0]), r"test_features must be N x D .* shape \(3,\)"),
+        ((memory, [0, 1, 2], torch.eye(2), [0, 1]), "differ in width: 3 and 2"),
+        ((memory, [0, -1, 2], queries, [0, 1]), "class indices >= 0, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            knn_classify(*args)
+    with pytest.raises(ValueError, match="every k must be at least 1"):
+        knn_classify(memory, [0, 1, 2], queries, [0, 1], ks=(0, 5))
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        knn_classify(memory, [0, 1, 2], queries, [0, 1], temperature=0)
+
+
 def test_classes_absent_from_the_test_set_and_unvoted_classes():
     memory = torch.eye(4)
     labels = torch.tensor([0, 1, 2, 3])
@@ -124,6 +142,10 @@ def test_features_are_cached_and_reused(tmp_path):
     assert first[1] == {"top1": 100.0, "top5": 100.0}  # test classes mapped onto the training ones
     assert knn_evaluate(backbone, train, test, **kwargs) == first
     assert backbone.images == 16  # nothing recomputed
+    assert knn_evaluate(backbone, str(train.root), test.root, **kwargs) == first  # folders' paths: the same lists
+    assert backbone.images == 16
+    with pytest.raises(TypeError, match="an ImageList or a folder's path, got list"):
+        knn_evaluate(backbone, train.paths, test, **kwargs)
     knn_evaluate(backbone, train, test, **{**kwargs, "cache_tag": "weights-v2"})
     assert backbone.images == 32  # other weights: other cache entries
 

@@ -32,6 +32,7 @@ def test_short_run_writes_everything(textures_dir, tmp_path):
     knn = json.loads((out / "knn.json").read_text())
     assert set(knn) == {"untrained", "raw pixels", "epoch 1", "final"}
     assert all(0 <= knn[n]["5"]["top1"] <= 100 for n in knn)
+    assert result.knn["final"][5] == knn["final"]["5"]  # keyed by k as knn_classify's results
 
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert {"student", "teacher", "optimizer", "dino_loss", "epoch", "step", "args", "fp16_scaler"} <= set(ckpt)
