@@ -77,11 +77,12 @@ class DINOState:
     def state_dict(self, cfg: TrainConfig, steps_per_epoch: int, images: dict[str, str]) -> dict:
         """The official DINO layout (plus ``step``, and ``images``: the fingerprints of the run's
         training and held-out images). Sharded (FSDP) networks are gathered onto the main process
-        (a collective), without the optimizer (it is in ``checkpoint.dcp``)."""
+        (a collective); under ``strategy=fsdp`` the optimizer is left out (it is in ``checkpoint.dcp``),
+        on one process too."""
         return {
             "student": {f"module.{k}": v for k, v in full_state_dict(self.student).items()},
             "teacher": full_state_dict(self.teacher),
-            "optimizer": None if is_sharded(self.student) else self.optimizer.state_dict(),
+            "optimizer": None if cfg.strategy == "fsdp" else self.optimizer.state_dict(),
             "dino_loss": self.loss.state_dict(),
             "epoch": self.step // steps_per_epoch,
             "step": self.step,

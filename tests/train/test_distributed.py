@@ -311,6 +311,7 @@ def test_fsdp_checkpoint_resumes_on_one_process(setup, fsdp_run):
     knn = json.loads((fsdp_run / "knn.json").read_text())
     (out / "knn.json").write_text(json.dumps({k: v for k, v in knn.items() if k != "final"}))
     _one_process(setup, out, strategy="fsdp")
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"] is None  # in checkpoint.dcp only
     assert sorted(_losses(out)) == [3, 4, 5]  # the second epoch only
     _assert_same_run(out, fsdp_run, steps=range(3, STEPS))
 
