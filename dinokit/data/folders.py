@@ -77,8 +77,8 @@ class ImageList:
 def scan_folder(root: str | Path, skip: str | Path | None = None) -> ImageList:
     """Every image under ``root`` (recursive, extensions case-insensitive), sorted by path.
     Folders linked into it are followed (each real folder once); hidden files and folders
-    (``.thumbs``, ``.ipynb_checkpoints``) and the folder ``skip`` (a run folder inside the data)
-    are left out."""
+    (``.thumbs``, ``.ipynb_checkpoints``), dinokit run folders (``is_run_folder``) and the folder
+    ``skip`` (this run's, before it holds anything) are left out."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
@@ -108,8 +108,8 @@ def _image_files(root: Path, skip: Path | None) -> Iterator[Path]:
     seen: set[str] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen or (skip is not None and Path(real) == skip):  # a link loop, or the run folder
-            subfolders.clear()
+        if real in seen or (skip is not None and Path(real) == skip) or is_run_folder(Path(folder)):
+            subfolders.clear()  # a link loop, or a run folder (its views.png is not a training image)
             continue
         seen.add(real)
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
@@ -117,6 +117,11 @@ def _image_files(root: Path, skip: Path | None) -> Iterator[Path]:
             path = Path(folder) / name
             if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
                 yield path
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a dinokit run folder (``config.yaml`` beside ``metrics.jsonl``)."""
+    return (folder / "config.yaml").is_file() and (folder / "metrics.jsonl").is_file()
 
 
 def split_train_val(images: ImageList, val_fraction: float, seed: int = 0) -> tuple[ImageList, ImageList]:

@@ -40,6 +40,16 @@ def test_linked_folders_are_followed_and_hidden_ones_and_the_skipped_one_left_ou
     assert images.classes == ["cats", "dogs"]
 
 
+def test_other_run_folders_in_the_data_are_left_out_and_look_alikes_kept(tmp_path):
+    _img(tmp_path / "cats" / "a.png")
+    _img(tmp_path / "cats" / "old-run" / "views.png")  # an earlier dinokit run's folder
+    (tmp_path / "cats" / "old-run" / "config.yaml").write_text("epochs: 1\n")
+    (tmp_path / "cats" / "old-run" / "metrics.jsonl").write_text("")
+    _img(tmp_path / "dogs" / "b.png")
+    (tmp_path / "dogs" / "config.yaml").write_text("camera: x\n")  # a config alone is not a run
+    assert [p.relative_to(tmp_path).as_posix() for p in scan_folder(tmp_path).paths] == ["cats/a.png", "dogs/b.png"]
+
+
 def test_images_in_root_make_the_folder_unlabelled(tmp_path):
     _img(tmp_path / "x.bmp")
     _img(tmp_path / "sub" / "y.jpeg")
