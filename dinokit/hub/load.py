@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from torch import nn
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD
 from dinokit.hub.names import OFFICIAL, close_name, official_file
 from dinokit.models.backbones import build_backbone
-from dinokit.models.vit import VIT_SIZES
+from dinokit.models.vit import VIT_SIZES, VisionTransformer
 from dinokit.train.checkpoint import LATEST, CheckpointError, load_checkpoint
 
 METADATA_FILE = "backbone.json"  # written beside every export (see dinokit.hub.export)
@@ -322,14 +323,30 @@ def _network_settings(state: dict[str, torch.Tensor]) -> str:
     return " ".join(words + ([head] if head else []))
 
 
-def _load_for_training(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
-    """``load_state_strict`` whose error also says which config values would make the weights fit."""
+def _load_for_training(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> list[str]:
+    """``load_state_strict`` whose error also says which config values would make the weights fit.
+
+    Position embeddings made for another image size are resampled (bicubic, as at run time) to
+    the grid the run's ViTs were built for, as timm does when it loads weights at another
+    ``img_size``: the run's checkpoints then have the shapes of its config, so it can resume.
+    Returns a line for the user when that happened.
+    """
+    grids = {vit: vit.pos_embed.shape for vit in module.modules() if isinstance(vit, VisionTransformer)}
     try:
         load_state_strict(module, weights, what)
     except CheckpointError as err:
         needed = _network_settings(weights)
         raise CheckpointError(f"{err}. To start from it, train with the same network"
                               f"{': ' + needed if needed else ''}") from None
+    lines = []
+    for vit, shape in grids.items():
+        if vit.pos_embed.shape != shape:
+            stored, side = vit.pos_embed.shape[1] - 1, math.isqrt(shape[1] - 1)
+            with torch.no_grad():
+                vit.pos_embed.data = vit.interpolate_pos_encoding(side, side).clone()
+            lines = [f"init: position embeddings resampled from {math.isqrt(stored)}x{math.isqrt(stored)} to "
+                     f"{side}x{side} patches (global_crops_size {side * vit.patch_size})"]
+    return lines
 
 
 def init_training_state(state: Any, source: str | Path, trust: bool = False) -> list[str]:
@@ -344,10 +361,11 @@ def init_training_state(state: Any, source: str | Path, trust: bool = False) -> 
     ckpt = read_weights(path, trust)
     if not any(isinstance(ckpt.get(k), dict) for k in ("student", "teacher")):
         backbone = drop_classifier(backbone_state(ckpt))
-        for name in ("student", "teacher"):
-            _load_for_training(getattr(state, name).backbone, backbone, f"{path} (backbone)")
+        resampled = [line for name in ("student", "teacher")
+                     for line in _load_for_training(getattr(state, name).backbone, backbone, f"{path} (backbone)")]
         return [f"init: student and teacher backbones from {path} ({describe_arch(backbone) or 'backbone-only'})",
-                "init: the file has no DINO head: the head starts from random weights and the centre from zero"]
+                "init: the file has no DINO head: the head starts from random weights and the centre from zero",
+                *resampled[:1]]
 
     lines = []
     nets = {name: strip_prefixes(ckpt[name], keep=None)
@@ -357,7 +375,8 @@ def init_training_state(state: Any, source: str | Path, trust: bool = False) -> 
         lines.append(f"init: {path} holds only the {only}; it starts both student and teacher")
         nets = {"student": nets[only], "teacher": nets[only]}
     for name, weights in nets.items():
-        _load_for_training(getattr(state, name), weights, f"{path} ({name})")
+        resampled = _load_for_training(getattr(state, name), weights, f"{path} ({name})")
+    lines += resampled
     loss_state = ckpt.get("dino_loss")
     center = loss_state.get("center") if isinstance(loss_state, dict) else None
     if center is None:

@@ -77,6 +77,6 @@ def official_file(name: str, weights: str | Path | None = None, progress: bool =
     except Exception as err:  # no network, proxy, HTTP error: all end the same way for the user
         raise CheckpointError(
             f"could not download {name} from {entry.url} ({type(err).__name__}: {err}). Download the file "
-            f"elsewhere and pass it with weights=PATH (--weights PATH on the command line) or place it at "
-            f"{path}") from None
+            f"elsewhere and give its path in place of the name (dinokit train --init PATH), or with the name as "
+            f"weights=PATH (--weights PATH in the other commands), or place it at {path}") from None
     return path

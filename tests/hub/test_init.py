@@ -65,8 +65,12 @@ def test_backbone_only_file_of_another_image_size(data, tmp_path):
     head_before = state.student.head.state_dict()
     lines = init_training_state(state, tmp_path / "backbone.pth")
     assert any("head starts from random weights" in line for line in lines)
+    assert lines[-1] == "init: position embeddings resampled from 8x8 to 4x4 patches (global_crops_size 32)"
+    resampled = backbone.interpolate_pos_encoding(4, 4)  # what the 64 px network uses on 32 px images
     for net in (state.student, state.teacher):
-        assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in net.backbone.state_dict().items())
+        own = net.backbone.state_dict()
+        assert torch.equal(own.pop("pos_embed"), resampled)
+        assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in own.items())
     assert all(torch.equal(v, head_before[k]) for k, v in state.student.head.state_dict().items())
     assert state.loss.center.abs().sum() == 0 and _optimizer_holds_student_params(state)
     with torch.no_grad():
@@ -99,11 +103,13 @@ def test_cli_train_init_from_full_checkpoint(data, tmp_path):
 
 def test_cli_train_init_from_backbone_only_file_and_a_mismatch(data, tmp_path):
     cfg = tiny_config(data, tmp_path / "run", epochs=1)
-    torch.save(randomised(vit("vit_tiny", patch_size=8, img_size=32), 6).state_dict(), tmp_path / "b.pth")
+    torch.save(randomised(vit("vit_tiny", patch_size=8, img_size=64), 6).state_dict(), tmp_path / "b.pth")
     result = _train(cfg, tmp_path / "b.pth", tmp_path)
     assert result.exit_code == 0, result.output
-    assert "the head starts from random weights" in result.output
+    assert "the head starts from random weights" in result.output and "resampled from 8x8 to 4x4" in result.output
     assert load_checkpoint(tmp_path / "run")["step"] == 2
+    again = _train(cfg, tmp_path / "b.pth", tmp_path)  # the run resumes: its checkpoint has its config's shapes
+    assert again.exit_code == 0 and "resuming" in again.output, again.output
 
     torch.save(vit("vit_tiny", patch_size=16, img_size=32).state_dict(), tmp_path / "p16.pth")
     result = _train(tiny_config(data, tmp_path / "run2", epochs=1), tmp_path / "p16.pth", tmp_path)

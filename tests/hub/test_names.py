@@ -74,6 +74,7 @@ def test_no_network_says_how_to_go_on(cache, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(CheckpointError, match=r"could not download dino_vitb16 .*weights=PATH"):
+    with pytest.raises(CheckpointError, match=r"could not download dino_vitb16 .*in place of the name "
+                                              r"\(dinokit train --init PATH\).*weights=PATH"):
         load_backbone("dino_vitb16")
     assert not list(cache.glob("*"))
