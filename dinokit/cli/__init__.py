@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -111,7 +112,10 @@ def train(config: str | None, overrides: tuple[str, ...], **flags: str | None) -
     from dinokit.train.loop import train as run_training
 
     cfg = build_train_config(config, flags, overrides)
-    result = run_training(cfg)
+    try:
+        result = run_training(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C (the loop said what it means), or one before training
+        sys.exit(128 + signal.SIGINT)  # the shell's code for a process ended by Ctrl-C, as the first one gives
     if not result.main:  # another process of a distributed run: the main one reports
         sys.exit(128 + int(result.stop_signal or 0) if result.interrupted else 0)
     if result.interrupted:

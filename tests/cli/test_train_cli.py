@@ -49,3 +49,14 @@ def test_the_closing_knn_table_has_a_column_per_k(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-3].split() == ["k=10", "k=48"]
     assert lines[-2].split() == ["untrained", "40.2", "31.0"] and lines[-1].split() == ["final", "80.0", "71.5"]
+
+
+def test_a_second_ctrl_c_ends_with_the_code_of_ctrl_c(tmp_path, monkeypatch):
+    from dinokit.train import loop
+
+    def second_ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", second_ctrl_c)
+    result = CliRunner().invoke(main, ["train", "--config", "laptop", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 130 and "Aborted" not in result.output
