@@ -206,7 +206,8 @@ def knn(checkpoint, which, image_size, arch, patch_size, batch_size, device, num
     for k, v in scores.items():
         click.echo(f"  {k:>6} {v['top1']:>8.2f} {v['top5']:>8.2f}")
     if above := [str(k) for k in ks if k not in scores]:
-        click.echo(f"  (k = {', '.join(above)}: more than the {len(train)} memory images, scored as k = {len(train)})")
+        click.echo(f"  (k = {', '.join(above)}: more than the {scores.memory} memory images, scored as "
+                   f"k = {scores.memory})")
     click.echo(f"dinokit: wrote {path} ({seconds:.0f} s)")
 
 

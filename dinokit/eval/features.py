@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -126,14 +127,23 @@ def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor]
         key = fingerprint(cache_tag, kind, crop_size, mean, std, [_file_version(p) for p in images.paths])
         cache = Path(cache_dir) / f"{kind}-{key}.pt"
     if env is None or not env.distributed:
-        return extract_features(backbone, images, crop_size, mean, std, cache=cache, **kwargs)
+        return _report_unreadable(extract_features(backbone, images, crop_size, mean, std, cache=cache, **kwargs),
+                                  len(images))
     if any_process(env.is_main and cache is not None and cache.exists()):  # process 0's cache decides
-        return Features.load(cache) if env.is_main else None
+        return _report_unreadable(Features.load(cache), len(images)) if env.is_main else None
     kwargs["progress"] = kwargs.get("progress", True) and env.is_main
     features = gather_features(lambda mine: extract_features(backbone, mine, crop_size, mean, std, **kwargs),
                                images, env)
     if features is not None and cache is not None:
         features.save(cache)
+    return None if features is None else _report_unreadable(features, len(images))
+
+
+def _report_unreadable(features: Features, images: int) -> Features:
+    """``features``, after a warning on standard error when some of the ``images`` could not be read."""
+    if features.failed:
+        tqdm.write(f"dinokit: warning: {len(features.failed)} of {images} images could not be read and are left "
+                   f"out ({features.failed[0]}{', ...' if len(features.failed) > 1 else ''})", file=sys.stderr)
     return features
 
 

@@ -16,6 +16,16 @@ from dinokit.data.folders import image_list
 from dinokit.eval.features import cached_features, check_label_sets, relabel
 
 
+class KnnScores(dict):
+    """``knn_classify``'s results, ``{k: {"top1": %, "top5": %}}``, with the numbers of memory
+    and query features they come from (``memory``, ``queries``: fewer than the images given when
+    some could not be read)."""
+
+    def __init__(self, scores: dict[int, dict[str, float]], memory: int, queries: int) -> None:
+        super().__init__(scores)
+        self.memory, self.queries = memory, queries
+
+
 @torch.no_grad()
 def top_k_neighbours(queries: torch.Tensor, memory: torch.Tensor, k: int, query_chunk: int = 1024,
                      memory_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +51,7 @@ def top_k_neighbours(queries: torch.Tensor, memory: torch.Tensor, k: int, query_
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, ks: int | tuple[int, ...] | list[int] = (10, 20, 100, 200),
                  temperature: float = 0.07, num_classes: int | None = None, query_chunk: int = 1024
-                 ) -> dict[int, dict[str, float]]:
+                 ) -> KnnScores:
     """Top-1 and top-5 accuracy (percent) of weighted k-NN for every ``k`` in ``ks``.
 
     ``train_features`` ``M x D``, ``test_features`` ``Q x D`` (normalised here), labels are
@@ -50,7 +60,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     the vote go to the lower class index (a stable sort); a class no neighbour voted for never counts as a top-5
     guess. Votes are computed as ``exp((s - s_max) / T)``, the same ranking as ``exp(s / T)``
     without overflow at small ``T``. Queries go in chunks of ``query_chunk``.
-    Returns ``{k: {"top1": ..., "top5": ...}}``.
+    Returns ``{k: {"top1": ..., "top5": ...}}`` (a ``KnnScores``, which also holds ``M`` and ``Q``).
     """
     ks = (ks,) if isinstance(ks, int) else tuple(ks)
     train_labels, test_labels = torch.as_tensor(train_labels), torch.as_tensor(test_labels)
@@ -78,7 +88,8 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
             correct = (ranked == labels) & voted.gather(1, ranked)
             hits[k] += torch.stack([correct[:, 0].sum(), correct[:, :5].any(dim=1).sum()]).cpu()
     n = queries.shape[0]
-    return {k: {"top1": 100.0 * h[0].item() / n, "top5": 100.0 * h[1].item() / n} for k, h in hits.items()}
+    return KnnScores({k: {"top1": 100.0 * h[0].item() / n, "top5": 100.0 * h[1].item() / n} for k, h in hits.items()},
+                     memory=memory.shape[0], queries=n)
 
 
 def _check_inputs(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -102,7 +113,7 @@ def _check_inputs(train_features: torch.Tensor, train_labels: torch.Tensor, test
 def knn_evaluate(backbone, train_images, test_images, crop_size: int = 224, ks=(10, 20, 100, 200),
                  temperature: float = 0.07, mean=None, std=None, batch_size: int = 256, device="cpu",
                  num_workers: int = 0, progress: bool = True, cache_dir=None, cache_tag: str | None = None,
-                 env=None) -> dict[int, dict[str, float]] | None:
+                 env=None) -> KnnScores | None:
     """Extract features of two labelled ``ImageList``s (or folders' paths) with ``backbone`` and run
     ``knn_classify``.
 

@@ -361,7 +361,7 @@ class _Knn:
         k = 20 if 20 in scores else next(iter(scores))  # a k above the memory size is scored as that size
         monitor.event("knn", {"name": name, **{f"top1_k{kk}": v["top1"] for kk, v in scores.items()}}, step)
         monitor.write(f"k-NN ({name}): top-1 {scores[k]['top1']:.1f}%  top-5 {scores[k]['top5']:.1f}%  (k={k}, "
-                      f"{len(self.train_images)} memory / {len(self.val_images)} held-out images)")
+                      f"{scores.memory} memory / {scores.queries} held-out images)")
 
 
 def train(cfg: TrainConfig) -> RunResult:

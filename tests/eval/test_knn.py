@@ -150,6 +150,15 @@ def test_features_are_cached_and_reused(tmp_path):
     assert backbone.images == 32  # other weights: other cache entries
 
 
+def test_unreadable_images_are_named_and_left_out_of_the_counts(tmp_path, capsys):
+    train_dir = make_folder(tmp_path / "train", COLOURS)
+    (train_dir / "blue" / "broken.png").write_bytes(b"not a png")
+    test = scan_folder(make_folder(tmp_path / "test", ["green", "red"], per_class=2))
+    scores = knn_evaluate(CountingFlatten(), scan_folder(train_dir), test, crop_size=16, ks=(1, 100), progress=False)
+    assert list(scores) == [1, 12] and (scores.memory, scores.queries) == (12, 4)
+    assert "1 of 13 images could not be read and are left out" in capsys.readouterr().err
+
+
 def test_an_image_replaced_in_place_is_not_served_from_the_cache(tmp_path):
     train = scan_folder(make_folder(tmp_path / "train", COLOURS))
     test = scan_folder(make_folder(tmp_path / "test", ["green", "red"], per_class=2))
