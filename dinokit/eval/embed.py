@@ -130,7 +130,7 @@ def project_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.
     if method == "umap":
         umap = require("umap", "umap-learn", "embed")
         return umap.UMAP(n_components=2, n_neighbors=min(15, len(x) - 1), metric="cosine",
-                         random_state=seed).fit_transform(x)
+                         random_state=seed, n_jobs=1).fit_transform(x)  # seeded: one thread (said, not warned)
     decomposition = require("sklearn.decomposition", "scikit-learn", "embed")
     if method == "pca":
         return decomposition.PCA(n_components=2, random_state=seed).fit_transform(x)
@@ -138,7 +138,7 @@ def project_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.
     if x.shape[1] > 50 and len(x) > 50:
         x = decomposition.PCA(n_components=50, random_state=seed).fit_transform(x)
     return manifold.TSNE(n_components=2, perplexity=min(30.0, (len(x) - 1) / 3), init="pca",
-                         random_state=seed).fit_transform(x)
+                         random_state=seed, n_jobs=1).fit_transform(x)  # seeded: one thread (said, not warned)
 
 
 def plot_embeddings(embeddings: Embeddings, out: str | Path, method: str = "tsne", max_points: int = 5000,

@@ -1,6 +1,7 @@
 """Embeddings files (npz, pt, parquet) and their 2-D plots."""
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -92,3 +93,13 @@ def test_plot_names_the_file_it_writes_and_refuses_bad_input(tmp_path):
     broken.features[[2, 5]] = np.nan
     with pytest.raises(ValueError, match=r"^2 of the 12 rows hold NaN or infinite features[^\n]*$"):
         plot_embeddings(broken, tmp_path / "p.png", method="pca")
+
+
+def test_umap_is_seeded_and_says_nothing_about_threads():
+    pytest.importorskip("umap", reason="umap-learn (dinokit[embed]) is not installed")
+    features = sample(n=40, dim=8).features
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = project_2d(features, "umap", seed=3)
+    assert first.shape == (40, 2) and not [w for w in caught if "n_jobs" in str(w.message)]
+    assert np.array_equal(project_2d(features, "umap", seed=3), first)
