@@ -17,6 +17,8 @@ import datetime
 import hashlib
 import os
 import re
+import socket
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -164,18 +166,38 @@ def init_distributed(device: torch.device) -> DistEnv:
         torch.cuda.set_device(device)
     wait = float(os.environ.get(RENDEZVOUS_TIMEOUT_ENV, 900))
     address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    started = time.monotonic()
     try:
-        store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=wait)))
+        if env.rank != 0 and not _port_opens(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], wait):
+            raise TimeoutError(f"nothing was listening at {address}")  # said here: c10d's retries log C++ stacks
+        left = max(wait - (time.monotonic() - started), 1.0)
+        store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=left)))
         store.set_timeout(COLLECTIVE_TIMEOUT)
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
-    except (RuntimeError, ValueError) as err:  # DistStoreError, DistNetworkError, a bad MASTER_PORT
+    except (RuntimeError, ValueError, TimeoutError) as err:  # DistStoreError, DistNetworkError, a bad MASTER_PORT
         raise DistributedError(
             f"{env}: the {env.world_size} processes did not meet at {address} within {wait:.0f} s "
             f"({_first_line(err)}). Check that all {env.world_size} processes were started, that MASTER_ADDR is "
             f"the first node's address and reachable from every node, and that MASTER_PORT is free there "
             f"(wait longer with {RENDEZVOUS_TIMEOUT_ENV}=seconds)") from None
     return env
+
+
+def _port_opens(host: str, port: str, seconds: float) -> bool:
+    """Whether a TCP connection to ``host:port`` can be made within ``seconds`` (tried every 0.2 s;
+    the connection is closed at once). A port that is not a number is left to the rendezvous."""
+    if not port.isdigit():
+        return True
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=max(min(deadline - time.monotonic(), 5.0), 0.1)).close()
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
 
 def shutdown_distributed() -> None:

@@ -373,7 +373,7 @@ def test_a_rendezvous_that_cannot_form_says_so(setup, tmp_path):
                             timeout=120, env=env)
     assert result.returncode == 1
     assert f"process 1 of 2: the 2 processes did not meet at 127.0.0.1:{port} within 2 s" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "frame #" not in result.stderr  # no C++ stack from c10d either
 
 
 @pytest.mark.parametrize("spec, message", [
