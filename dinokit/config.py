@@ -213,7 +213,7 @@ def load_yaml(source: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config {source!r}: no such file and no such preset (presets: {', '.join(presets())})")
     if path.is_dir():
         hint = (f"; it holds a run: resume it with --out {path}, or start a new run from its settings with "
-                f"--config {path / 'config.yaml'}") if (path / "config.yaml").is_file() else ""
+                f"--config {path / 'config.yaml'} --out NEW_FOLDER") if (path / "config.yaml").is_file() else ""
         raise ConfigError(f"config {path} is a folder, not a YAML file{hint}")
     try:
         values = yaml.safe_load(path.read_text()) or {}

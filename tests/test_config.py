@@ -107,7 +107,8 @@ def test_a_folder_as_config_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="is a folder, not a YAML file$"):
         TrainConfig.build(tmp_path)
     TrainConfig().to_yaml(tmp_path / "config.yaml")  # a run folder: the error says how to resume or reuse it
-    with pytest.raises(ConfigError, match=f"resume it with --out {tmp_path}"):
+    with pytest.raises(ConfigError, match=f"resume it with --out {tmp_path}, or start a new run from its settings "
+                                          f"with --config {tmp_path / 'config.yaml'} --out NEW_FOLDER"):
         TrainConfig.build(tmp_path)
 
 
