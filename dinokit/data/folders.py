@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,13 +79,19 @@ def scan_folder(root: str | Path, skip: str | Path | None = None) -> ImageList:
     """Every image under ``root`` (recursive, extensions case-insensitive), sorted by path.
     Folders linked into it are followed (each real folder once); hidden files and folders
     (``.thumbs``, ``.ipynb_checkpoints``), dinokit run folders (``is_run_folder``) and the folder
-    ``skip`` (this run's, before it holds anything) are left out."""
+    ``skip`` (this run's, before it holds anything) are left out. A folder that cannot be listed
+    (no permission: a ``lost+found`` at a drive's root, a class folder of another user) is left out
+    with a warning on stderr, not silently: its images, even a whole class, would be missing."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder")
-    paths = sorted(_image_files(root, Path(skip).resolve() if skip is not None else None))
+    unlisted: list[OSError] = []
+    paths = sorted(_image_files(root, Path(skip).resolve() if skip is not None else None, unlisted.append))
+    for err in unlisted:
+        print(f"dinokit: warning: cannot read the folder {err.filename} ({err.strerror or err}); the images in it are "
+              "left out", file=sys.stderr)
     if not paths:
         raise DataError(f"data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
     tops = [p.relative_to(root).parts for p in paths]
@@ -104,9 +111,9 @@ def image_list(images: ImageList | str | Path) -> ImageList:
     raise TypeError(f"expected an ImageList or a folder's path, got {type(images).__name__}")
 
 
-def _image_files(root: Path, skip: Path | None) -> Iterator[Path]:
+def _image_files(root: Path, skip: Path | None, unlisted: Callable[[OSError], None]) -> Iterator[Path]:
     seen: set[str] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=unlisted):
         real = os.path.realpath(folder)
         if real in seen or (skip is not None and Path(real) == skip) or is_run_folder(Path(folder)):
             subfolders.clear()  # a link loop, or a run folder (its views.png is not a training image)

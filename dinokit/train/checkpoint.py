@@ -44,11 +44,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as err:  # a full disk, as PyTorch's zip writer reports it
+                raise _os_error_within(err) from None
             f.flush()
             os.fsync(f.fileno())
 
-    _replace_atomically(path, write, lambda: _estimate_bytes(state))
+    _replace_atomically(path, write, lambda: _estimate_bytes(state), resumable=path.exists())
 
 
 def keep_checkpoint(latest: str | Path, path: str | Path) -> None:
@@ -57,7 +60,7 @@ def keep_checkpoint(latest: str | Path, path: str | Path) -> None:
     file system has no links. Safe because dinokit replaces checkpoint files, never writes into them.
     """
     latest, path = Path(latest), Path(path)
-    _replace_atomically(path, lambda tmp: link_or_copy(latest, tmp), lambda: latest.stat().st_size)
+    _replace_atomically(path, lambda tmp: link_or_copy(latest, tmp), lambda: latest.stat().st_size, resumable=True)
 
 
 def link_or_copy(source: str | Path, target: str | Path) -> None:
@@ -70,9 +73,11 @@ def link_or_copy(source: str | Path, target: str | Path) -> None:
             os.fsync(f.fileno())
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None], size: Callable[[], int]) -> None:
+def _replace_atomically(path: Path, write: Callable[[Path], None], size: Callable[[], int], resumable: bool) -> None:
     """``write`` a temporary file beside ``path``, then rename it over ``path``; ``size()`` is
-    the number of bytes it needs, for the message when the disk is full."""
+    the number of bytes it needs, for the message when the disk is full. ``resumable``: whether a
+    checkpoint stays to resume from when this write fails (not at a run's first save), so the
+    message does not promise one that does not exist."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.unlink(missing_ok=True)  # a link cannot be made over a leftover of a killed save
@@ -82,13 +87,24 @@ def _replace_atomically(path: Path, write: Callable[[Path], None], size: Callabl
         _fsync_dir(path.parent)
     except OSError as err:
         tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is intact" if resumable else "no earlier checkpoint was written"
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(path.parent).free
             raise CheckpointError(
                 f"no space left in {path.parent} to write a checkpoint (about {size() / 2**20:.0f} MiB "
-                f"needed, {free / 2**20:.0f} MiB free); the previous checkpoint is intact. Free space and run again "
-                "to resume.") from None
-        raise CheckpointError(f"could not write checkpoint {path}: {err}; the previous checkpoint is intact") from None
+                f"needed, {free / 2**20:.0f} MiB free); {kept}. Free space and run again"
+                f"{' to resume' if resumable else ''}.") from None
+        raise CheckpointError(f"could not write checkpoint {path}: {err}; {kept}") from None
+
+
+def _os_error_within(err: BaseException) -> BaseException:
+    """The ``OSError`` (no space left, an I/O error) behind ``err``, else ``err``: when a write of
+    ``torch.save`` fails, PyTorch's zip writer raises a ``RuntimeError`` ("unexpected pos") while
+    it closes the archive, with the ``OSError`` only as its context."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return cause or err
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:

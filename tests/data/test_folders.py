@@ -50,6 +50,24 @@ def test_other_run_folders_in_the_data_are_left_out_and_look_alikes_kept(tmp_pat
     assert [p.relative_to(tmp_path).as_posix() for p in scan_folder(tmp_path).paths] == ["cats/a.png", "dogs/b.png"]
 
 
+def test_a_folder_that_cannot_be_read_is_left_out_with_a_warning(tmp_path, monkeypatch, capsys):
+    """chmod 000 on a class folder (simulated: root reads it anyway) must not drop the class silently."""
+    _img(tmp_path / "cats" / "a.png")
+    _img(tmp_path / "dogs" / "b.png")
+    scandir = folders.os.scandir
+
+    def no_permission(path="."):
+        if str(path) == str(tmp_path / "dogs"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(folders.os, "scandir", no_permission)
+    images = scan_folder(tmp_path)
+    monkeypatch.undo()
+    assert [p.name for p in images.paths] == ["a.png"]
+    assert f"cannot read the folder {tmp_path / 'dogs'} (Permission denied)" in capsys.readouterr().err
+
+
 def test_images_in_root_make_the_folder_unlabelled(tmp_path):
     _img(tmp_path / "x.bmp")
     _img(tmp_path / "sub" / "y.jpeg")

@@ -33,6 +33,50 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_a_disk_that_fills_during_the_save_is_a_clear_error(tmp_path, monkeypatch):
+    """A real full disk fails one of torch.save's writes, which PyTorch's zip writer then reports
+    as a RuntimeError ("unexpected pos"), not as the OSError."""
+    path = tmp_path / "c.pth"
+    save_checkpoint({"step": 1}, path)
+
+    class FillingFile:
+        def __init__(self, f):
+            self.f, self.room = f, 4096
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(ckpt_mod, "open", lambda file, mode="r": FillingFile(open(file, mode)), raising=False)
+    with pytest.raises(CheckpointError, match=f"no space left in {tmp_path}.*previous checkpoint is intact"):
+        save_checkpoint({"step": 2, "w": torch.zeros(100_000)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_failed_first_save_does_not_promise_a_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    def full_disk(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"MiB free\); no earlier checkpoint was written\. Free space and run "
+                                              r"again\.$"):
+        save_checkpoint({"step": 1}, tmp_path / LATEST)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_kept_checkpoint_is_a_link_that_outlives_the_next_save(tmp_path):
     latest, kept = tmp_path / LATEST, tmp_path / "checkpoint_epoch0001.pth"
     save_checkpoint({"step": 1}, latest)
