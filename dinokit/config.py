@@ -216,9 +216,13 @@ def load_yaml(source: str | Path) -> dict[str, Any]:
                 f"--config {path / 'config.yaml'} --out NEW_FOLDER") if (path / "config.yaml").is_file() else ""
         raise ConfigError(f"config {path} is a folder, not a YAML file{hint}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path}: not valid YAML ({err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path}: not UTF-8 text (saved as UTF-16? save it as UTF-8)") from None
+    except OSError as err:
+        raise ConfigError(f"config {path}: cannot be read ({err.strerror or err})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config {path}: expected a mapping of keys to values, got {type(values).__name__}")
     return values

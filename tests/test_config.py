@@ -103,6 +103,12 @@ def test_non_finite_numbers_are_refused(raw):
         TrainConfig.build(None, parse_overrides([f"lr={raw}"]))
 
 
+def test_a_config_that_is_not_utf8_text_is_a_clear_error(tmp_path):
+    (tmp_path / "notepad.yaml").write_text("epochs: 3\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match="notepad.yaml: not UTF-8 text"):
+        TrainConfig.build(str(tmp_path / "notepad.yaml"))
+
+
 def test_a_folder_as_config_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="is a folder, not a YAML file$"):
         TrainConfig.build(tmp_path)

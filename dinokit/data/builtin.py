@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dinokit.data.folders import DataError
+
 TEXTURES = ("stripes_across", "stripes_down", "checkerboard", "dots", "hatching", "rings", "grid", "speckle")
 VERSION = 3
 SUPERSAMPLE = 2  # drawn at twice the size, then downsampled: anti-aliased edges
@@ -46,8 +48,12 @@ def builtin_textures(images_per_class: int = 300, size: int = 64, seed: int = 0,
     folder = base / f"textures-v{VERSION}-{images_per_class}x{size}px-seed{seed}"
     if (folder / ".complete").exists():
         return folder
-    base.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".textures-", dir=base))
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".textures-", dir=base))
+    except OSError as err:
+        raise DataError(f"cannot write the built-in data set into {base} ({err.strerror or err}); point "
+                        f"DINOKIT_CACHE at a writable folder") from None
     try:
         rng = np.random.default_rng(seed)
         for texture in TEXTURES:

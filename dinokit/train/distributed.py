@@ -306,7 +306,8 @@ def fingerprint(images: ImageList | None) -> str:
     h = hashlib.sha256()
     for i, path in enumerate(images.paths):
         label = images.labels[i] if images.labels is not None else -1
-        h.update(f"{path.relative_to(images.root) if path.is_relative_to(images.root) else path}:{label}\n".encode())
+        relative = path.relative_to(images.root) if path.is_relative_to(images.root) else path
+        h.update(f"{relative}:{label}\n".encode("utf-8", "surrogateescape"))  # names that are not UTF-8 too
     return f"{len(images)} images, {h.hexdigest()[:12]}"
 
 

@@ -297,6 +297,8 @@ UNREADABLE_IN_A_ROW = 32
 FIXED_SETTINGS = ("arch", "patch_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers",
                   "norm_last_layer", "global_crops_size", "local_crops_size", "local_crops_number", "batch_size",
                   "epochs", "seed", "strategy")
+#: What resuming reads from a checkpoint.pth (``DINOState.load_state_dict``).
+TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss", "step")
 #: Settings of how or where a run is carried out, not of what it learns: not reported when changed on resuming.
 RUNTIME_SETTINGS = ("out", "data", "init", "device", "num_workers", "compile", "grad_checkpointing",
                     "keep_freed_memory", "overlap_views", "log_every", "eval_batch_size", "report",
@@ -409,6 +411,9 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
         state.optimizer = build_optimizer(state.student, device)
     if resume_from is not None:
         ckpt = read_sharded_record(resume_from) if sharded_path else load_checkpoint(resume_from)
+        if not sharded_path and (missing := [k for k in TRAINING_STATE if k not in ckpt]):
+            raise TrainingError(f"{resume_from} is not a dinokit training checkpoint (it has no {', '.join(missing)}); "
+                                f"pick another --out, and add --init {resume_from} to start from its weights")
         changed = check_resumable(ckpt, cfg, images, resume_from)
         if sharded_path:
             load_sharded(resume_from, state)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from dinokit.data.builtin import TEXTURES, builtin_textures, texture_mask
-from dinokit.data.folders import load_rgb, scan_folder
+from dinokit.data.folders import DataError, load_rgb, scan_folder
 
 
 def test_generated_once_labelled_and_cached(tmp_path):
@@ -47,3 +47,9 @@ def test_stripes_across_vary_down_the_image_and_stripes_down_across_it():
 def test_unknown_texture_is_refused():
     with pytest.raises(ValueError, match="unknown texture"):
         texture_mask("zebra", 16, np.random.default_rng(0))
+
+
+def test_a_cache_that_cannot_be_written_is_a_data_error_naming_the_setting(tmp_path):
+    (tmp_path / "afile").write_text("")  # a place no folder can be made (as a read-only ~/.cache, even for root)
+    with pytest.raises(DataError, match="cannot write the built-in data set into .*DINOKIT_CACHE"):
+        builtin_textures(images_per_class=1, size=16, root=tmp_path / "afile" / "cache")
