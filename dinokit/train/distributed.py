@@ -214,15 +214,19 @@ def lost_peer(err: BaseException) -> bool:
 
 
 def lost_peer_error(err: BaseException, env: DistEnv, out: str) -> DistributedError:
+    return DistributedError(
+        f"{env}: lost contact with the other processes ({_first_line(err)}). Another process stopped or hung: "
+        f"its own message above (or the launcher's summary) says why. {resume_hint(out)}")
+
+
+def resume_hint(out: str | Path) -> str:
+    """What running the same command again does for the run folder ``out``, for a stop's message."""
     from dinokit.train.checkpoint import LATEST
     from dinokit.train.fsdp import SHARDED
 
-    saved = any((Path(out) / name).exists() for name in (LATEST, SHARDED))
-    then = (f"The last checkpoint in {out} is intact; run the same command again to resume" if saved else
-            f"No checkpoint was written in {out} yet; the same command starts the run again")
-    return DistributedError(
-        f"{env}: lost contact with the other processes ({_first_line(err)}). Another process stopped or hung: "
-        f"its own message above (or the launcher's summary) says why. {then}")
+    if any((Path(out) / name).exists() for name in (LATEST, SHARDED)):
+        return f"The last checkpoint in {out} is intact; run the same command again to resume"
+    return f"No checkpoint was written in {out} yet; the same command starts the run again"
 
 
 def _first_line(err: BaseException) -> str:

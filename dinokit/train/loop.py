@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -41,7 +42,7 @@ from dinokit.train.checkpoint import LATEST, keep_checkpoint, load_checkpoint, s
 from dinokit.train.distributed import (DistEnv, any_process, check_agreement, cores_of_this_process, cpu_has_amx,
                                        fingerprint, gpu_loader_workers, init_distributed, leaders_first,
                                        sum_over_processes, lost_peer, lost_peer_error, mean_over_processes,
-                                       resolve_device, shutdown_distributed, sync_batch_norm)
+                                       resolve_device, resume_hint, shutdown_distributed, sync_batch_norm)
 from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
                                 read_sharded_record, require_tested_torch, save_sharded, shard)
 from dinokit.train.host_memory import KeepFreedMemoryInWorkers, use_memory_policy
@@ -376,6 +377,9 @@ def train(cfg: TrainConfig) -> RunResult:
     except RuntimeError as err:
         if env.distributed and lost_peer(err):
             raise lost_peer_error(err, env, cfg.out) from None
+        if re.search(r"DataLoader worker \(pid.*\) is killed", str(err)):  # by the out-of-memory killer, mostly
+            raise TrainingError(f"a data loader worker was killed ({str(err).splitlines()[0]}): out of memory? "
+                                f"Fewer num_workers need less. {resume_hint(cfg.out)}") from None
         raise
     finally:
         shutdown_distributed()
@@ -527,8 +531,10 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                     monitor.event("bad_images", {"epoch": epoch, "failed": bad_in_epoch, "seen": seen_in_epoch}, step)
                     monitor.write(f"epoch {epoch}: {bad_in_epoch} of {seen_in_epoch} images could not be read")
                     if bad_in_epoch > cfg.max_bad_fraction * seen_in_epoch:
+                        checkpoint()  # the epoch's steps on the images that could be read are kept
                         raise TrainingError(f"{bad_in_epoch} of {seen_in_epoch} images failed to load in epoch {epoch},"
-                                            f" more than max_bad_fraction={cfg.max_bad_fraction}; check the data folder")
+                                            f" more than max_bad_fraction={cfg.max_bad_fraction}; check the data folder. "
+                                            f"{resume_hint(cfg.out)}")
                 bad_in_epoch = seen_in_epoch = 0
                 checkpoint(f"epoch{epoch + 1:04d}")
                 if name := knn.due(epoch + 1, cfg.epochs):

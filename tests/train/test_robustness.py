@@ -78,8 +78,9 @@ def test_bad_images_are_skipped_counted_and_bounded(tmp_path, capsys):
     assert "cmyk" not in log and "sixteen" not in log
 
     strict = tiny_config(tmp_path / "data", tmp_path / "strict", batch_size=total // 2, max_bad_fraction=0.1)
-    with pytest.raises(TrainingError, match="4 of 28 images failed to load in epoch 0"):
+    with pytest.raises(TrainingError, match="4 of 28 images failed to load in epoch 0.*checkpoint in .* is intact"):
         train(strict)
+    assert load_checkpoint(tmp_path / "strict")["step"] == 2  # the epoch's steps on the readable images are kept
 
 
 def test_a_folder_of_unreadable_files_stops_the_run_within_a_few_steps(tmp_path, capsys):
@@ -232,3 +233,17 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(text
     assert proc.returncode == 128 + signal.SIGTERM, output
     assert f"dinokit train --out {tmp_path / 'run'}" in output
     assert 3 <= load_checkpoint(tmp_path / "run" / "checkpoint.pth")["step"] < 32
+
+
+def test_a_killed_loader_worker_is_one_clear_error(textures_dir, tmp_path, monkeypatch):
+    class KilledWorker:  # what the DataLoader raises when the out-of-memory killer takes a worker
+        def __iter__(self):
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop, "views_on_device", lambda *args: KilledWorker())
+    with pytest.raises(TrainingError, match=r"a data loader worker was killed \(DataLoader worker \(pid 4242\).*"
+                                            r"out of memory\? Fewer num_workers need less\. No checkpoint was written"):
+        train(tiny_config(textures_dir, tmp_path / "run", epochs=1))
