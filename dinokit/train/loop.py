@@ -9,6 +9,7 @@ the latest checkpoint, exactly: the data order and every view depend only on
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -380,6 +381,11 @@ def train(cfg: TrainConfig) -> RunResult:
         if re.search(r"DataLoader worker \(pid.*\) is killed", str(err)):  # by the out-of-memory killer, mostly
             raise TrainingError(f"a data loader worker was killed ({str(err).splitlines()[0]}): out of memory? "
                                 f"Fewer num_workers need less. {resume_hint(cfg.out)}") from None
+        raise
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # the logs (metrics.jsonl, TensorBoard); checkpoints say it
+            raise TrainingError(f"no space left to write {err.filename or 'the logs'}: free space in {cfg.out}. "
+                                f"{resume_hint(cfg.out)}") from None
         raise
     finally:
         shutdown_distributed()

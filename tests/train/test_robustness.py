@@ -1,5 +1,6 @@
 """Never lose a run: bad images, non-finite losses, SIGTERM and SIGKILL at any moment."""
 
+import errno
 import json
 import os
 import signal
@@ -246,4 +247,13 @@ def test_a_killed_loader_worker_is_one_clear_error(textures_dir, tmp_path, monke
     monkeypatch.setattr(loop, "views_on_device", lambda *args: KilledWorker())
     with pytest.raises(TrainingError, match=r"a data loader worker was killed \(DataLoader worker \(pid 4242\).*"
                                             r"out of memory\? Fewer num_workers need less\. No checkpoint was written"):
+        train(tiny_config(textures_dir, tmp_path / "run", epochs=1))
+
+
+def test_a_disk_that_fills_while_logging_is_one_clear_error(textures_dir, tmp_path, monkeypatch):
+    def full_disk(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loop.Monitor, "flush", full_disk)
+    with pytest.raises(TrainingError, match=r"no space left to write the logs: free space in .*run\. No checkpoint"):
         train(tiny_config(textures_dir, tmp_path / "run", epochs=1))
