@@ -169,7 +169,8 @@ def test_embed_counts_unreadable_files_in_one_bracket(tmp_path):
     result = invoke("embed", "--checkpoint", "pixels", "--image-size", 8, "--data", data, "--out", tmp_path / "e.pt",
                     "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert re.search(r"to \S+e\.pt \(\d+ s; 1 unreadable file\(s\) skipped\)$", result.output.strip()), result.output
+    assert re.search(r"to \S+e\.pt \(\d+ s; 1 unreadable file\(s\) skipped\)$", result.output, re.M), result.output
+    assert "warning: 1 of 7 images could not be read and are left out" in result.output  # which one, named
 
 
 def test_plot_embeddings_says_what_it_wrote_and_refuses_nan(tmp_path):
