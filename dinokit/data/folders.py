@@ -81,17 +81,17 @@ def scan_folder(root: str | Path, skip: str | Path | None = None) -> ImageList:
     (``.thumbs``, ``.ipynb_checkpoints``), dinokit run folders (``is_run_folder``) and the folder
     ``skip`` (this run's, before it holds anything) are left out. A folder that cannot be listed
     (no permission: a ``lost+found`` at a drive's root, a class folder of another user) is left out
-    with a warning on stderr, not silently: its images, even a whole class, would be missing."""
+    with a warning on stderr, not silently: its images, even a whole class, would be missing; so is
+    a link named like an image that points to nothing."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder")
-    unlisted: list[OSError] = []
-    paths = sorted(_image_files(root, Path(skip).resolve() if skip is not None else None, unlisted.append))
-    for err in unlisted:
-        print(f"dinokit: warning: cannot read the folder {err.filename} ({err.strerror or err}); the images in it are "
-              "left out", file=sys.stderr)
+    left_out: list[str] = []
+    paths = sorted(_image_files(root, Path(skip).resolve() if skip is not None else None, left_out.append))
+    for why in left_out:
+        print(f"dinokit: warning: {why}", file=sys.stderr)
     if not paths:
         raise DataError(f"data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched recursively)")
     tops = [p.relative_to(root).parts for p in paths]
@@ -111,7 +111,12 @@ def image_list(images: ImageList | str | Path) -> ImageList:
     raise TypeError(f"expected an ImageList or a folder's path, got {type(images).__name__}")
 
 
-def _image_files(root: Path, skip: Path | None, unlisted: Callable[[OSError], None]) -> Iterator[Path]:
+def _image_files(root: Path, skip: Path | None, left_out: Callable[[str], None]) -> Iterator[Path]:
+    """The image files under ``root`` (``scan_folder``); ``left_out`` is told what is missed and why."""
+
+    def unlisted(err: OSError) -> None:
+        left_out(f"cannot read the folder {err.filename} ({err.strerror or err}); the images in it are left out")
+
     seen: set[str] = set()
     for folder, subfolders, files in os.walk(root, followlinks=True, onerror=unlisted):
         real = os.path.realpath(folder)
@@ -122,8 +127,11 @@ def _image_files(root: Path, skip: Path | None, unlisted: Callable[[OSError], No
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         for name in files:
             path = Path(folder) / name
-            if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                yield path
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+                if path.is_file():
+                    yield path
+                elif path.is_symlink() and not path.exists():
+                    left_out(f"{path} links to {os.readlink(path)}, which does not exist; it is left out")
 
 
 def is_run_folder(folder: Path) -> bool:

@@ -40,6 +40,14 @@ def test_linked_folders_are_followed_and_hidden_ones_and_the_skipped_one_left_ou
     assert images.classes == ["cats", "dogs"]
 
 
+def test_a_link_to_nothing_named_like_an_image_is_left_out_with_a_warning(tmp_path, capsys):
+    _img(tmp_path / "cats" / "a.png")
+    (tmp_path / "cats" / "b.png").symlink_to(tmp_path / "moved" / "b.png")  # its target moved away
+    assert [p.name for p in scan_folder(tmp_path).paths] == ["a.png"]
+    assert f"{tmp_path / 'cats' / 'b.png'} links to {tmp_path / 'moved' / 'b.png'}, which does not exist" \
+        in capsys.readouterr().err
+
+
 def test_other_run_folders_in_the_data_are_left_out_and_look_alikes_kept(tmp_path):
     _img(tmp_path / "cats" / "a.png")
     _img(tmp_path / "cats" / "old-run" / "views.png")  # an earlier dinokit run's folder
