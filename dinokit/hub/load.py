@@ -341,11 +341,11 @@ def _load_for_training(module: nn.Module, weights: dict[str, torch.Tensor], what
     lines = []
     for vit, shape in grids.items():
         if vit.pos_embed.shape != shape:
-            stored, side = vit.pos_embed.shape[1] - 1, math.isqrt(shape[1] - 1)
+            stored, side = math.isqrt(vit.pos_embed.shape[1] - 1), math.isqrt(shape[1] - 1)
             with torch.no_grad():
                 vit.pos_embed.data = vit.interpolate_pos_encoding(side, side).clone()
-            lines = [f"init: position embeddings resampled from {math.isqrt(stored)}x{math.isqrt(stored)} to "
-                     f"{side}x{side} patches (global_crops_size {side * vit.patch_size})"]
+            lines.append(f"init: position embeddings resampled from {stored}x{stored} to {side}x{side} patches "
+                         f"(global_crops_size {side * vit.patch_size})")
     return lines
 
 
@@ -361,11 +361,12 @@ def init_training_state(state: Any, source: str | Path, trust: bool = False) -> 
     ckpt = read_weights(path, trust)
     if not any(isinstance(ckpt.get(k), dict) for k in ("student", "teacher")):
         backbone = drop_classifier(backbone_state(ckpt))
-        resampled = [line for name in ("student", "teacher")
-                     for line in _load_for_training(getattr(state, name).backbone, backbone, f"{path} (backbone)")]
+        resampled = dict.fromkeys(line for name in ("student", "teacher")  # the same line for both: said once
+                                  for line in _load_for_training(getattr(state, name).backbone, backbone,
+                                                                 f"{path} (backbone)"))
         return [f"init: student and teacher backbones from {path} ({describe_arch(backbone) or 'backbone-only'})",
                 "init: the file has no DINO head: the head starts from random weights and the centre from zero",
-                *resampled[:1]]
+                *resampled]
 
     lines = []
     nets = {name: strip_prefixes(ckpt[name], keep=None)
@@ -374,9 +375,8 @@ def init_training_state(state: Any, source: str | Path, trust: bool = False) -> 
         (only,) = nets
         lines.append(f"init: {path} holds only the {only}; it starts both student and teacher")
         nets = {"student": nets[only], "teacher": nets[only]}
-    for name, weights in nets.items():
-        resampled = _load_for_training(getattr(state, name), weights, f"{path} ({name})")
-    lines += resampled
+    lines += dict.fromkeys(line for name, weights in nets.items()  # the same line for both: said once
+                           for line in _load_for_training(getattr(state, name), weights, f"{path} ({name})"))
     loss_state = ckpt.get("dino_loss")
     center = loss_state.get("center") if isinstance(loss_state, dict) else None
     if center is None:

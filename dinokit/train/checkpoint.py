@@ -85,8 +85,10 @@ def _replace_atomically(path: Path, write: Callable[[Path], None], size: Callabl
         _test_pause()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)  # whatever stopped the write, no partial file stays
+        if not isinstance(err, OSError):
+            raise
         kept = "the previous checkpoint is intact" if resumable else "no earlier checkpoint was written"
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(path.parent).free
