@@ -27,11 +27,15 @@ class DINOLoss(nn.Module):
         center_momentum: ``m`` of the centre's EMA (``update_center``).
 
     The logits are ``(views * B) x K``, grouped by view, on the device of the loss (``.to(device)``
-    moves the centre there); anything else is refused with a ``ValueError`` naming the shape.
+    moves the centre there); anything else is refused with a ``ValueError`` naming the shape, as
+    are temperatures <= 0 and a ``center_momentum`` outside [0, 1].
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
+        _check_temperature("student_temp", student_temp)
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum is the weight of the old centre, in [0, 1]; got {center_momentum}")
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -40,6 +44,7 @@ class DINOLoss(nn.Module):
     def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``p = softmax((t - c) / teacher_temp)`` in float32 (``(G*B) x K``) and the entropy of
         each row (nats, ``G*B``), from the log-probabilities (no ``log`` of a rounded ``p``)."""
+        _check_temperature("teacher_temp", teacher_temp)
         logp = F.log_softmax((teacher_logits.float() - self.center).div_(teacher_temp), dim=-1)
         p = logp.exp()
         return p, -torch.einsum("nk,nk->n", p, logp)
@@ -150,6 +155,12 @@ class _PairedCrossEntropy(torch.autograd.Function):
         grad.view(-1, batch, grad.shape[-1]).sub_(teacher_sum * scale)
         grad[:same].addcmul_(teacher_p[:same], scale)
         return grad.to(ctx.dtype), None, None, None, None
+
+
+def _check_temperature(name: str, temperature: float | torch.Tensor) -> None:
+    """``ValueError`` for a temperature <= 0 given as a number (a tensor is not read: no sync)."""
+    if not isinstance(temperature, torch.Tensor) and not temperature > 0:
+        raise ValueError(f"{name} divides the logits and must be > 0, got {temperature}")
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:

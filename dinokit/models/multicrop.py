@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dinokit.models.vit import check_floating_images
+
 
 class MultiCropModel(nn.Module):
     """``g = head . backbone`` applied to views of several resolutions.
@@ -12,7 +14,7 @@ class MultiCropModel(nn.Module):
     ``forward(views)`` takes a list of ``B x 3 x H_i x W_i`` tensors (views of one size are
     concatenated and go through the backbone together) and returns the logits of all views in
     order, ``(len(views) * B) x K``; ``ValueError`` for anything else (no views, a view of one
-    image, views of different batch sizes). ``backbone`` and ``head`` keep the official key prefixes.
+    image, views of different batch sizes, integer images), whatever the backbone. ``backbone`` and ``head`` keep the official key prefixes.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
@@ -27,6 +29,8 @@ class MultiCropModel(nn.Module):
         if not shapes or not batched or len({s[0] for s in shapes}) > 1:
             raise ValueError(f"views must be a non-empty list of B x 3 x H x W tensors with the same B (the views "
                              f"of B images stacked: torch.stack, or a DataLoader's collate), got {shapes}")
+        for view in views:
+            check_floating_images(view)
         features, start = [], 0
         while start < len(views):
             end = start

@@ -214,9 +214,7 @@ class VisionTransformer(nn.Module):
         if x.ndim != 4 or x.shape[1] != channels:
             one_image = " (one image? add the batch dimension: x[None])" if x.ndim == 3 else ""
             raise ValueError(f"images must be B x {channels} x H x W, got shape {tuple(x.shape)}{one_image}")
-        if not x.is_floating_point():
-            raise ValueError(f"images must be floating point, normalised (NormalizeImages converts uint8 "
-                             f"ones), got {x.dtype}")
+        check_floating_images(x)
         b, _, h, w = x.shape
         p = self.patch_size
         if h % p or w % p:
@@ -268,6 +266,13 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def check_floating_images(x: torch.Tensor) -> None:
+    """``ValueError`` unless the images ``x`` are floating point (what every backbone takes)."""
+    if not x.is_floating_point():
+        raise ValueError(f"images must be floating point, normalised (NormalizeImages converts uint8 "
+                         f"ones), got {x.dtype}")
 
 
 def vit(name: str, **kwargs) -> VisionTransformer:

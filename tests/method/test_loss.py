@@ -156,3 +156,15 @@ def test_logits_on_another_device_than_the_centre_are_refused():
 
 def test_the_class_documents_its_arguments():
     assert "out_dim" in DINOLoss.__doc__ and "(views * B) x K" in DINOLoss.__doc__
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: DINOLoss(16, student_temp=0.0), "student_temp divides the logits and must be > 0, got 0.0"),
+    (lambda: DINOLoss(16, center_momentum=1.5), r"center_momentum .* in \[0, 1\]; got 1.5"),
+    (lambda: DINOLoss(16)(torch.randn(8, 16), torch.randn(4, 16), 0.0), "teacher_temp .* > 0, got 0.0"),
+    (lambda: DINOLoss(16)(torch.randn(8, 16), torch.randn(4, 16), -0.04), "teacher_temp .* > 0, got -0.04"),
+    (lambda: DINOLoss(16)(torch.randn(8, 16), torch.randn(4, 16), float("nan")), "teacher_temp .* > 0, got nan"),
+])
+def test_temperatures_and_centre_momentum_out_of_range_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):  # a temperature of 0 gave a NaN loss without a word
+        make()

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from dinokit.models.backbones import build_backbone
 from dinokit.models.head import DINOHead, WeightNormLinear
 from dinokit.models.multicrop import MultiCropModel
 from dinokit.models.vit import vit
@@ -90,3 +91,9 @@ def test_views_as_a_tuple_or_generator_equal_a_list():
     with torch.no_grad():
         expected = model(views)
         assert torch.allclose(model(tuple(views)), expected) and torch.allclose(model(v for v in views), expected)
+
+
+def test_integer_images_are_refused_whatever_the_backbone():
+    resnet = MultiCropModel(build_backbone("resnet18"), DINOHead(512, 50, 32, 16))  # a conv dtype error before
+    with pytest.raises(ValueError, match="images must be floating point, normalised .* got torch.uint8"):
+        resnet([torch.zeros(2, 3, 32, 32, dtype=torch.uint8)])
