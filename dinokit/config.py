@@ -1,7 +1,7 @@
 """The training configuration: one typed object holding every number of the DINO recipe.
 
-``TrainConfig()`` *is* the DINO defaults of ``docs/dino-recipe.md`` (ViT-S/16, 2 x 224 px +
-8 x 96 px views, K = 65536, ...). Presets (``laptop``, ``cifar``, ``paper``) are YAML files in
+``TrainConfig()`` *is* the DINO defaults, the recipe of the paper and the official code (ViT-S/16,
+2 x 224 px + 8 x 96 px views, K = 65536, ...). Presets (``laptop``, ``cifar``, ``paper``) are YAML files in
 ``dinokit/configs/`` that change a few of them. A configuration is built in layers::
 
     defaults  <-  preset or YAML file  <-  key=value overrides (command line)
@@ -123,7 +123,7 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(256, ge=1, description="images per batch of the k-NN feature extraction")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: every epoch only)")
     keep_checkpoints: int = Field(1, ge=0, description="epoch checkpoints kept besides the latest")
-    max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
+    max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many steps in a row with a non-finite loss or gradient")
     report: bool = Field(True, description="write views.png at the start and report.html at the end of the run")
 
     @field_validator("compile", mode="before")
@@ -149,8 +149,9 @@ class TrainConfig(BaseModel):
             low, high = getattr(self, key)
             if not 0 < low <= high:
                 bad(key, f"needs 0 < low <= high, got {(low, high)}")
-        if self.global_crops_scale[1] > 1 or self.local_crops_scale[1] > 1:
-            bad("global_crops_scale", "crop scales are shares of the image area, at most 1")
+        for key in ("global_crops_scale", "local_crops_scale"):
+            if getattr(self, key)[1] > 1:
+                bad(key, "crop scales are shares of the image area, at most 1")
         for key in ("blur_prob", "solarize_prob"):
             if not all(0 <= p <= 1 for p in getattr(self, key)):
                 bad(key, f"probabilities must lie in [0, 1], got {getattr(self, key)}")
@@ -190,9 +191,6 @@ class TrainConfig(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (lists for tuples), safe for YAML, JSON and ``torch.load(weights_only=True)``."""
         return self.model_dump(mode="json")
-
-    def summary(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.to_dict().items())
 
 
 def presets() -> list[str]:

@@ -46,6 +46,7 @@ def test_compile_takes_the_parts_or_a_bool(given, parts):
     ({"local_crops_size": 256}, "local_crops_size"),      # local larger than global
     ({"global_crops_size": 100}, "global_crops_size"),    # not a multiple of the patch size
     ({"global_crops_scale": [0.9, 0.2]}, "global_crops_scale"),
+    ({"local_crops_scale": [0.05, 1.5]}, "^invalid config: local_crops_scale"),  # blamed global_crops_scale before
 ])
 def test_bad_values_name_the_key(changes, key):
     with pytest.raises(ConfigError, match=key):

@@ -10,8 +10,6 @@ receives gradients. The centre ``c`` (``K``) is a buffer, so ``state_dict()`` is
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -166,8 +164,3 @@ def _check_temperature(name: str, temperature: float | torch.Tensor) -> None:
 def _entropy(p: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of the distributions along the last dimension of ``p``."""
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
-
-
-def uniform_loss(out_dim: int) -> float:
-    """The loss of a uniform collapse, ln K."""
-    return math.log(out_dim)

@@ -7,7 +7,8 @@ A checkpoint is a dict of tensors and plain values (loadable with
     teacher     backbone + head, keys "backbone." / "head."
     optimizer   AdamW state
     dino_loss   {"center": 1 x K}
-    epoch, step, args (the config as a dict), fp16_scaler (None), rng (generator states)
+    epoch, step, args (the config as a dict), fp16_scaler (None)
+    images      fingerprints of the run's training and held-out images (a resume checks them)
 
 ``save_checkpoint`` writes to a temporary file in the same folder, flushes and fsyncs it, then
 renames it over the old file, so at every instant the folder holds a complete checkpoint.
