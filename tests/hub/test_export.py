@@ -13,6 +13,7 @@ from dinokit.cli import main
 from dinokit.hub.export import export_backbone
 from dinokit.hub.load import load_backbone
 from dinokit.models.vit import vit
+from dinokit.train.checkpoint import CheckpointError
 from tests.hub.test_load import randomised
 
 
@@ -95,6 +96,25 @@ def test_timm_export_loads_with_timm(run_dir, tmp_path):
     with torch.no_grad():
         for model in models:
             assert (model(x) - teacher(x)).abs().max() < 1e-5
+
+
+def test_timm_export_is_checked_at_two_batch_sizes_and_writes_nothing_when_it_differs(run_dir, tmp_path,
+                                                                                     monkeypatch):
+    pytest.importorskip("timm")
+    import dinokit.hub.export as export
+
+    checked = []
+
+    def differs(run, loaded, shapes=None):
+        checked.extend(shapes)
+        return 0.5
+
+    monkeypatch.setattr(export, "max_difference", differs)
+    with pytest.raises(CheckpointError, match=r"timm's vit_tiny_patch16_224 differs from the PyTorch model by "
+                                              r"5.00e-01 .* not exported"):
+        export_backbone(run_dir[0], tmp_path, "timm")
+    assert checked == [(1, 3, 32, 32), (3, 3, 32, 32)]  # timm's ViT takes its own size only; one shape before
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "config.json").exists()
 
 
 def _timm_reads_local_dirs() -> bool:
