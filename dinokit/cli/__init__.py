@@ -33,6 +33,7 @@ def friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from dinokit.data.folders import DataError
+        from dinokit.extras import MissingExtraError
         from dinokit.models.backbones import UnknownArchError
         from dinokit.train.checkpoint import CheckpointError
         from dinokit.train.distributed import DistributedError
@@ -40,7 +41,7 @@ def friendly_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, UnknownArchError, CheckpointError) as err:
+        except (ConfigError, DataError, UnknownArchError, CheckpointError, MissingExtraError) as err:
             raise UserError(str(err)) from None
         except (TrainingError, DistributedError) as err:
             raise click.ClickException(str(err)) from None

@@ -105,22 +105,13 @@ def _open(checkpoint: str, which: str, arch: str | None, patch_size: int | None,
     return source, size
 
 
-def _device(spec: str, local_rank: int = 0):
-    from dinokit.train.distributed import resolve_device
-
-    try:
-        return resolve_device(spec, local_rank)
-    except (ValueError, RuntimeError) as err:
-        raise UserError(f"--device {spec}: {err}") from None
-
-
 @contextlib.contextmanager
 def _processes(spec: str):
     """``(device, DistEnv)``: under torchrun or srun the process group is joined for the command's
     duration (each process extracts a share of the features); otherwise one process."""
-    from dinokit.train.distributed import init_distributed, launcher_env, shutdown_distributed
+    from dinokit.train.distributed import init_distributed, launcher_env, resolve_device, shutdown_distributed
 
-    device = _device(spec, launcher_env().local_rank)
+    device = resolve_device(spec, launcher_env().local_rank)
     env = init_distributed(device)
     try:
         yield device, env
@@ -228,13 +219,14 @@ def linear(checkpoint, which, image_size, arch, patch_size, batch_size, device, 
            cached) -> None:
     """Linear-probe accuracy of frozen features (the DINO protocol: SGD, cosine lr, best and last epoch)."""
     from dinokit.eval.linear import linear_probe
+    from dinokit.train.distributed import resolve_device
 
     if epochs < 1 or lr <= 0:
         raise UserError("--epochs must be at least 1 and --lr positive")
     start = time.perf_counter()
     source, size = _open(checkpoint, which, arch, patch_size, weights, trust_checkpoint, image_size, out_dir, seed)
     train, test, split = _labelled_data(train_data, test_data, val_fraction, seed)
-    dev = _device(device)
+    dev = resolve_device(device)
     augment = dev.type != "cpu" if cached is None else not cached
     result = linear_probe(source.backbone, train, test, epochs, lr, batch_size, n_last_blocks, avgpool, augment,
                           size, source.mean, source.std, dev, _workers(num_workers, dev), seed,
@@ -280,10 +272,7 @@ def embed(checkpoint, which, image_size, arch, patch_size, batch_size, device, n
                                   desc="embeddings")
     if embeddings is None:  # not process 0: it writes the file
         return
-    try:
-        embeddings.save(out)
-    except MissingExtraError as err:
-        raise UserError(str(err)) from None
+    embeddings.save(out)
     skipped = len(images) - len(embeddings)
     seconds = time.perf_counter() - start
     click.echo(f"dinokit: wrote {len(embeddings)} embeddings of {embeddings.features.shape[1]} dimensions"
@@ -302,7 +291,6 @@ def embed(checkpoint, which, image_size, arch, patch_size, batch_size, device, n
 def plot_embeddings_command(embeddings_file, out, method, max_points, seed) -> None:
     """Draw a file written by `dinokit embed` in 2-D (t-SNE, UMAP or PCA), coloured by label."""
     from dinokit.eval.embed import Embeddings, plot_embeddings
-    from dinokit.extras import MissingExtraError
 
     try:
         embeddings = Embeddings.load(embeddings_file)
@@ -310,6 +298,6 @@ def plot_embeddings_command(embeddings_file, out, method, max_points, seed) -> N
         raise UserError(f"{embeddings_file}: not an embeddings file written by `dinokit embed` ({err})") from None
     try:
         path = plot_embeddings(embeddings, out, method, max_points, seed)
-    except (MissingExtraError, ValueError) as err:
+    except ValueError as err:
         raise UserError(str(err)) from None
     click.echo(f"dinokit: wrote {path} ({method} of {min(len(embeddings), max_points)} of {len(embeddings)} rows)")

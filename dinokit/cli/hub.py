@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dinokit.cli import UserError, friendly_errors, main
+from dinokit.cli import friendly_errors, main
 from dinokit.hub.export import FORMATS
 
 
@@ -25,11 +25,7 @@ def export(source: str, fmt: str, out: str, which: str, weights: str | None, tru
     Writes the model file and backbone.json (architecture, patch and image size, feature width,
     normalisation) into --out.
     """
-    from dinokit.extras import MissingExtraError
     from dinokit.hub.export import export_backbone
 
-    try:
-        files = export_backbone(source, out, fmt, which=which, trust=trust_checkpoint, weights=weights)
-    except MissingExtraError as err:
-        raise UserError(str(err)) from None
+    files = export_backbone(source, out, fmt, which=which, trust=trust_checkpoint, weights=weights)
     click.echo(f"dinokit: exported the {which} backbone of {source} as {fmt}: {', '.join(str(f) for f in files)}")

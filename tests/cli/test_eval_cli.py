@@ -140,6 +140,7 @@ def _bad_inputs(tmp_path, run_dir, textures_dir):
         "must end in .npz, .pt, .parquet": ["embed", "--checkpoint", "pixels", "--data", textures_dir,
                                             "--out", tmp_path / "x.csv"],
         "not an embeddings file": ["plot-embeddings", not_ckpt.with_suffix(".npz"), "--out", tmp_path / "p.png"],
+        "Error: device 'gpu': expected auto, cpu": knn + ["--device", "gpu"],  # "--device gpu: device 'gpu'" before
     }
 
 
