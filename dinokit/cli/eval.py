@@ -16,8 +16,7 @@ from pathlib import Path
 import click
 
 from dinokit.cli import UserError, friendly_errors, main
-
-MIN_POINTS = 4  # the fewest rows a 2-D projection is drawn of (dinokit.eval.embed.plot_embeddings)
+from dinokit.viz.embeddings import METHODS, MIN_ROWS
 
 SOURCE_HELP = ("run folder, checkpoint or export file (ours or official DINO), official name (dino_vits16, ...), "
                "or a baseline: 'pixels' (the image itself) or 'random:<arch>[/<patch>]' (untrained, e.g. "
@@ -99,8 +98,6 @@ def _open(checkpoint: str, which: str, arch: str | None, patch_size: int | None,
     if out_dir is not None:
         source.home = Path(out_dir)
     size = source.image_size if image_size is None else image_size
-    if size < 1:
-        raise UserError(f"--image-size must be positive, got {size}")
     source.check_image_size(size)
     return source, size
 
@@ -283,14 +280,15 @@ def embed(checkpoint, which, image_size, arch, patch_size, batch_size, device, n
 @main.command("plot-embeddings")
 @click.argument("embeddings_file", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="image file to write (.png, .pdf, .svg)")
-@click.option("--method", type=click.Choice(["tsne", "umap", "pca"]), default="tsne", show_default=True)
-@click.option("--max-points", type=click.IntRange(min=MIN_POINTS), default=5000, show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="tsne", show_default=True)
+@click.option("--max-points", type=click.IntRange(min=MIN_ROWS), default=5000, show_default=True,
               help="plot a random subset of this size")
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly_errors
 def plot_embeddings_command(embeddings_file, out, method, max_points, seed) -> None:
     """Draw a file written by `dinokit embed` in 2-D (t-SNE, UMAP or PCA), coloured by label."""
-    from dinokit.eval.embed import Embeddings, plot_embeddings
+    from dinokit.eval.embed import Embeddings
+    from dinokit.viz.embeddings import plot_embeddings
 
     try:
         embeddings = Embeddings.load(embeddings_file)

@@ -1,16 +1,14 @@
-"""Embeddings files (npz, pt, parquet) and their 2-D plots."""
+"""Embeddings files (npz, pt, parquet)."""
 
 import sys
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from dinokit.data.folders import scan_folder
-from dinokit.eval.embed import Embeddings, check_writable, embed_images, plot_embeddings, project_2d
+from dinokit.eval.embed import Embeddings, check_writable, embed_images
 from dinokit.extras import MissingExtraError
 from tests.eval.test_knn import COLOURS, make_folder
 
@@ -60,21 +58,6 @@ def test_embed_images_keeps_paths_and_class_names(tmp_path):
     assert all(p.startswith(str(root.resolve())) for p in emb.paths) and not any("broken" in p for p in emb.paths)
 
 
-@pytest.mark.parametrize("method", ["pca", "tsne"])
-def test_plot_writes_an_image(tmp_path, method):
-    emb = sample(n=40, dim=8)
-    out = plot_embeddings(emb, tmp_path / "plot.png", method=method, max_points=30)
-    with Image.open(out) as image:
-        assert image.size[0] > 100 and image.size[1] > 100
-    assert project_2d(emb.features, method).shape == (40, 2)
-
-
-def test_missing_extra_is_named(monkeypatch):
-    monkeypatch.setitem(sys.modules, "umap", None)  # as if umap-learn were not installed
-    with pytest.raises(MissingExtraError, match=r"dinokit\[embed\].*umap-learn"):
-        project_2d(sample().features, "umap")
-
-
 def test_the_output_format_is_checked_before_any_work(tmp_path, monkeypatch):
     check_writable(tmp_path / "f.npz")
     with pytest.raises(ValueError, match=r"must end in \.npz, \.pt, \.parquet"):
@@ -82,24 +65,3 @@ def test_the_output_format_is_checked_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # as if the 'embed' extra were not installed
     with pytest.raises(MissingExtraError, match=r"dinokit\[embed\]"):
         check_writable(tmp_path / "f.parquet")
-
-
-def test_plot_names_the_file_it_writes_and_refuses_bad_input(tmp_path):
-    out = plot_embeddings(sample(), tmp_path / "noext", method="pca")
-    assert out == tmp_path / "noext.png" and out.is_file()
-    with pytest.raises(ValueError, match="max_points must be at least 4"):
-        plot_embeddings(sample(), tmp_path / "p.png", method="pca", max_points=0)
-    broken = sample()
-    broken.features[[2, 5]] = np.nan
-    with pytest.raises(ValueError, match=r"^2 of the 12 rows hold NaN or infinite features[^\n]*$"):
-        plot_embeddings(broken, tmp_path / "p.png", method="pca")
-
-
-def test_umap_is_seeded_and_says_nothing_about_threads():
-    pytest.importorskip("umap", reason="umap-learn (dinokit[embed]) is not installed")
-    features = sample(n=40, dim=8).features
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        first = project_2d(features, "umap", seed=3)
-    assert first.shape == (40, 2) and not [w for w in caught if "n_jobs" in str(w.message)]
-    assert np.array_equal(project_2d(features, "umap", seed=3), first)
