@@ -19,6 +19,8 @@ from typing import Any, Literal, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dinokit.files import write_text_atomically
+
 PRESET_DIR = Path(__file__).parent / "configs"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -186,7 +188,7 @@ class TrainConfig(BaseModel):
             raise ConfigError(_format_validation_error(err)) from None
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text_atomically(path, yaml.safe_dump(self.to_dict(), sort_keys=False))  # a resume reads it
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (lists for tuples), safe for YAML, JSON and ``torch.load(weights_only=True)``."""

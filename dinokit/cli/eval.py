@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
 import click
 
 from dinokit.cli import UserError, friendly_errors, main
+from dinokit.files import write_text_atomically
 from dinokit.viz.embeddings import METHODS, MIN_ROWS
 
 SOURCE_HELP = ("run folder, checkpoint or export file (ours or official DINO), official name (dino_vits16, ...), "
@@ -145,10 +145,7 @@ def _labelled_data(train_data: str, test_data: str | None, val_fraction: float |
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(payload, indent=1))
 
 
 def _describe(source, size: int, train, test) -> str:

@@ -15,7 +15,6 @@ Every format holds the same three things:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from dinokit.data.folders import ImageList, image_list
 from dinokit.eval.features import Features, cached_features
 from dinokit.extras import require
+from dinokit.files import atomic_write
 
 FORMATS = (".npz", ".pt", ".parquet")
 
@@ -69,9 +69,11 @@ class Embeddings:
         """Write in the format named by the suffix of ``path`` (see the module doc); atomic."""
         path = Path(path)
         check_writable(path)
-        suffix = path.suffix.lower()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp{suffix}")
+        return atomic_write(path, self._write)
+
+    def _write(self, tmp: Path) -> None:
+        """Write in the format named by ``tmp``'s suffix (checked by ``check_writable``)."""
+        suffix = tmp.suffix.lower()
         if suffix == ".npz":
             arrays = {"features": self.features, "paths": np.array(self.paths, dtype=str)}
             if self.labels is not None:
@@ -87,8 +89,6 @@ class Embeddings:
                 columns["label"] = self.labels
             columns["embedding"] = list(self.features)
             pd.DataFrame(columns).to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Embeddings":

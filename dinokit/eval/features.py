@@ -28,6 +28,7 @@ from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain
 from dinokit.data.folders import DataError, ImageList, image_list
 from dinokit.data.transforms import eval_resize_side, eval_transform
+from dinokit.files import atomic_write
 from dinokit.hub.load import LATEST, open_backbone, open_untrained
 from dinokit.models.backbones import is_vit
 
@@ -40,11 +41,8 @@ class Features:
     failed: list[str] = field(default_factory=list)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"features": self.features, "labels": self.labels, "paths": self.paths, "failed": self.failed}, tmp)
-        os.replace(tmp, path)
+        state = {"features": self.features, "labels": self.labels, "paths": self.paths, "failed": self.failed}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> "Features":

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from dinokit.files import write_text_atomically
 from dinokit.hub.load import METADATA_FILE, LoadedBackbone, open_backbone
 from dinokit.models.backbones import RESNETS
 from dinokit.models.vit import VIT_SIZES
@@ -164,7 +165,7 @@ def _write_timm(loaded: LoadedBackbone, out: Path) -> dict[str, Any]:
                            "interpolation": "bicubic", "crop_pct": 0.875, "num_classes": 0,
                            "fixed_input_size": loaded.arch in VIT_SIZES},
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_text_atomically(out / "config.json", json.dumps(config, indent=2))
     return {"file": "model.safetensors", "config": "config.json", "timm_model": name, "timm_kwargs": kwargs,
             "load": f'timm.create_model("local-dir:{out}", pretrained=True)', "max_abs_diff": diff}
 
@@ -183,8 +184,7 @@ def _write_metadata(loaded: LoadedBackbone, out: Path, fmt: str, info: dict[str,
         if all(previous.get(k) == v for k, v in meta.items()):
             meta["formats"] = previous.get("formats", {})
     meta.setdefault("formats", {})[fmt] = info
-    path.write_text(json.dumps(meta, indent=2))
-    return path
+    return write_text_atomically(path, json.dumps(meta, indent=2))
 
 
 def export_backbone(source: str | Path, out: str | Path, fmt: str, which: str = "teacher", trust: bool = False,

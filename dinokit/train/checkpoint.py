@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 
+from dinokit.files import atomic_write
+
 LATEST = "checkpoint.pth"
 
 
@@ -75,21 +77,17 @@ def link_or_copy(source: str | Path, target: str | Path) -> None:
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None], size: Callable[[], int], resumable: bool) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path``; ``size()`` is
+    """``atomic_write(path, write)``, durable, with one message for a failed write: ``size()`` is
     the number of bytes it needs, for the message when the disk is full. ``resumable``: whether a
     checkpoint stays to resume from when this write fails (not at a run's first save), so the
     message does not promise one that does not exist."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)  # a link cannot be made over a leftover of a killed save
+    def write_then_pause(tmp: Path) -> None:
         write(tmp)
         _test_pause()
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)  # whatever stopped the write, no partial file stays
-        if not isinstance(err, OSError):
-            raise
+
+    try:
+        atomic_write(path, write_then_pause, durable=True)
+    except OSError as err:
         kept = "the previous checkpoint is intact" if resumable else "no earlier checkpoint was written"
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(path.parent).free
@@ -175,19 +173,6 @@ def _test_pause() -> None:
         import time
 
         time.sleep(pause)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _estimate_bytes(obj: Any) -> int:

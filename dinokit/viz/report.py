@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from dinokit.config import TrainConfig
 from dinokit.data.folders import BadImageError, DataError, load_rgb, scan_folder, split_train_val
 from dinokit.data.public import resolve_data
+from dinokit.files import write_text_atomically
 from dinokit.hub.load import load_backbone
 from dinokit.models.backbones import UnknownArchError, is_vit
 from dinokit.train.checkpoint import LATEST, CheckpointError
@@ -76,10 +77,9 @@ def write_report(run_dir: Path, num_attention_images: int = 4) -> Path:
         ("Configuration", _config_section(config)),
     ]
     body = "\n".join(f"<section><h2>{title}</h2>\n{content}</section>" for title, content in sections)
-    path = run_dir / REPORT_NAME
-    path.write_text(_PAGE.format(title=html.escape(f"dinokit run {run_dir.resolve().name}"), body=body,
-                                 created=datetime.now().strftime("%Y-%m-%d %H:%M")))
-    return path
+    page = _PAGE.format(title=html.escape(f"dinokit run {run_dir.resolve().name}"), body=body,
+                        created=datetime.now().strftime("%Y-%m-%d %H:%M"))
+    return write_text_atomically(run_dir / REPORT_NAME, page)
 
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

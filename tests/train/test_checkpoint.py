@@ -14,7 +14,7 @@ def test_round_trip_with_weights_only(tmp_path):
     save_checkpoint(state, tmp_path / "c.pth")
     back = load_checkpoint(tmp_path / "c.pth")
     assert back["step"] == 7 and torch.equal(back["teacher"]["w"], torch.arange(3.0))
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob(".*tmp*"))
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -30,7 +30,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob(".*tmp*"))
 
 
 def test_a_disk_that_fills_during_the_save_is_a_clear_error(tmp_path, monkeypatch):
@@ -63,7 +63,7 @@ def test_a_disk_that_fills_during_the_save_is_a_clear_error(tmp_path, monkeypatc
         save_checkpoint({"step": 2, "w": torch.zeros(100_000)}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob(".*tmp*"))
 
 
 def test_a_failed_first_save_does_not_promise_a_checkpoint_to_resume_from(tmp_path, monkeypatch):
@@ -80,12 +80,12 @@ def test_a_failed_first_save_does_not_promise_a_checkpoint_to_resume_from(tmp_pa
 def test_a_kept_checkpoint_is_a_link_that_outlives_the_next_save(tmp_path):
     latest, kept = tmp_path / LATEST, tmp_path / "checkpoint_epoch0001.pth"
     save_checkpoint({"step": 1}, latest)
-    (tmp_path / f".{kept.name}.tmp").write_bytes(b"left by a killed save")
+    (tmp_path / f".{kept.stem}.tmp{kept.suffix}").write_bytes(b"left by a killed save")
     keep_checkpoint(latest, kept)
     assert kept.stat().st_ino == latest.stat().st_ino  # one copy on disk
     save_checkpoint({"step": 2}, latest)
     assert load_checkpoint(kept)["step"] == 1 and load_checkpoint(latest)["step"] == 2
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob(".*tmp*"))
 
 
 def test_a_kept_checkpoint_is_copied_where_links_fail_and_a_full_disk_keeps_the_old_one(tmp_path, monkeypatch):
@@ -108,7 +108,7 @@ def test_a_kept_checkpoint_is_copied_where_links_fail_and_a_full_disk_keeps_the_
     monkeypatch.setattr(ckpt_mod.shutil, "copyfile", full_disk)
     with pytest.raises(CheckpointError, match="no space left.*MiB needed.*previous checkpoint is intact"):
         keep_checkpoint(latest, kept)
-    assert load_checkpoint(kept)["step"] == 1 and not list(tmp_path.glob(".*tmp"))
+    assert load_checkpoint(kept)["step"] == 1 and not list(tmp_path.glob(".*tmp*"))
 
 
 def test_untrusted_pickles_are_refused(tmp_path):

@@ -181,7 +181,7 @@ def test_sigkill_at_any_moment_loses_nothing(textures_dir, tmp_path):
         load_checkpoint(out / "checkpoint.pth")  # always loadable
     # Kill while a checkpoint write is held open half-way (the temporary file exists, not yet renamed).
     proc = _launch(cfg_path, {"DINOKIT_TEST_SAVE_PAUSE": "30"})
-    _wait_for(lambda: (out / ".checkpoint.pth.tmp").exists(), proc)
+    _wait_for(lambda: (out / ".checkpoint.tmp.pth").exists(), proc)
     before = load_checkpoint(out / "checkpoint.pth")["step"]
     proc.kill()
     proc.wait()
