@@ -10,7 +10,7 @@ drawn as the loader draws them (for 500 x 375 px images, shrunk to fit a smaller
 - an estimate of the memory traffic of those ops: the bytes each reads and writes (an indexed
   copy counts the images it moves, ``roi_align`` its output three times over), and the time
   that traffic takes at 2.5 TB/s (an H100's HBM3, as streaming kernels reach it);
-- the measured time per batch on ``--device`` (median of ``--steps``; CUDA events on a GPU).
+- the measured time per batch on ``--device`` (median of ``--steps``, each between two synchronisations).
 
 The counts do not depend on the device: run on a CPU they say what a GPU would do. Appends the
 figures to ``bench/results/<machine>-<date>.json``.

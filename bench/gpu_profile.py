@@ -41,7 +41,8 @@ from dinokit.train.bench import (busy_seconds, describe_machine, device_activiti
 #: Kernel name patterns of each kind, tried in this order; the rest is "other".
 KINDS = (
     ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient_attention", re.I)),
-    ("matmul", re.compile(r"gemm|xmma|cutlass|cublas|wgmma|magma|splitk|sm\d\d_", re.I)),
+    # nvjet: recent cuBLAS's own GEMMs on Hopper (nvjet_tst_..., nvjet_hsh_...); gemv: its matrix-vector kernels
+    ("matmul", re.compile(r"gemm|gemv|xmma|cutlass|cublas|wgmma|nvjet|magma|splitk|sm\d\d_", re.I)),
     ("copy", re.compile(r"^memcpy|^memset|copy|cat_|CatArray", re.I)),
 )
 

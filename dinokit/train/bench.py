@@ -12,7 +12,7 @@ real data pipeline (``data="pipeline"``) or on random tensors of the same shapes
   student forward, loss, student backward, optimizer (clipping and AdamW), EMA, centre
   (milliseconds per step);
 - peak memory: the process's peak resident set size on the CPU (MiB), the CUDA caching
-  allocator's ``max_memory_allocated`` on a GPU;
+  allocator's ``max_memory_allocated`` over the timed steps on a GPU;
 - model FLOPs per step (``torch.utils.flop_counter``) and their share of the device's measured
   matmul rate (bf16 on GPU, the step's precision on the CPU): the MFU;
 - on a GPU, its busy time per step (``torch.profiler``: the union of its kernels', copies' and
@@ -446,6 +446,8 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(device)
+            if device.type == "cuda":  # the timed steps' peak, not that of the eager step counted above (under
+                torch.cuda.reset_peak_memory_stats(device)  # compile=all) or of compiling in the warm-up
             timer.reset()
             finite.clear()
             start, cpu_start = time.perf_counter(), time.process_time()

@@ -141,10 +141,25 @@ def test_missing_cuda_is_one_line():
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
 
 
+def _script_env() -> dict[str, str]:
+    """The environment of a bench script run as a subprocess: this checkout first on its path, and
+    the caller's PYTHONPATH kept after it (where bench/gpu_check.sh puts the wheels it installs)."""
+    path = [str(PEERS.parents[1])] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def test_bench_scripts_run_with_the_callers_python_path(monkeypatch, tmp_path):
+    """On the GPU machine pydantic comes from a folder on PYTHONPATH (gpu_check.sh's WHEELS): a
+    script started without it could not import dinokit."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "wheels"), str(tmp_path / "more")]))
+    assert _script_env()["PYTHONPATH"].split(os.pathsep) == [str(PEERS.parents[1]), str(tmp_path / "wheels"),
+                                                             str(tmp_path / "more")]
+
+
 def _peers(*args, tmp_path, script: Path = PEERS):
     tiny = ["--patch-size", "8", "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--batch-size", "2",
             "--out-dim", "64", "--steps", "1", "--warmup", "1", "--threads", "1", "--results", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(PEERS.parents[1])}
+    env = _script_env()
     return subprocess.run([sys.executable, str(script), *tiny, *args], capture_output=True, text=True, env=env,
                           timeout=600)
 
@@ -192,7 +207,7 @@ def test_peers_name_who_keeps_freed_memory(tmp_path):
 
 
 def test_loss_ab_times_both_losses_on_the_same_logits(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(PEERS.parents[1])}
+    env = _script_env()
     proc = subprocess.run([sys.executable, str(PEERS.parent / "loss_ab.py"), "--batch-size", "2", "--views", "4",
                            "--out-dim", "32", "--steps", "2", "--threads", "1", "--results", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -211,7 +226,7 @@ def test_decode_ab_times_reduced_and_full_size_loading(tmp_path):
     photos.mkdir()
     for i in range(2):
         Image.effect_noise((1200, 1000), 40 + i).convert("RGB").save(photos / f"{i}.jpg")
-    env = {**os.environ, "PYTHONPATH": str(PEERS.parents[1])}
+    env = _script_env()
     proc = subprocess.run([sys.executable, str(PEERS.parent / "decode_ab.py"), str(photos), "--rounds", "1",
                            "--results", str(tmp_path / "results")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -229,7 +244,7 @@ def _pipeline_peers(*args, tmp_path):
     photos.mkdir(exist_ok=True)
     for i in range(3):
         Image.effect_noise((500, 375), 40 + i).convert("RGB").save(photos / f"{i}.jpg")
-    env = {**os.environ, "PYTHONPATH": str(PEERS.parents[1])}
+    env = _script_env()
     return subprocess.run([sys.executable, str(PEERS.parent / "pipeline_peers.py"), str(photos), "--rounds", "1",
                            "--local-crops", "2", "--results", str(tmp_path / "results"), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -352,6 +367,10 @@ def test_gpu_profile_sorts_kernels_by_kind_and_counts_overlapping_ones_once():
         "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>",
         "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>")}
     assert list(kinds.values()) == ["matmul"] * 3 + ["attention"] * 2 + ["copy"] * 3 + ["other"] * 2
+    # recent cuBLAS names its Hopper GEMMs nvjet_* (no "gemm", no "sm90_" in most of them)
+    for name in ("nvjet_tst_192x192_64x4_1x2_h_bz_coopB_NTT", "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNN",
+                 "void gemv2T_kernel_val<int, int, __nv_bfloat16, float, 128, 16, 4, 4, false, false>"):
+        assert gpu_profile.kernel_kind(name) == "matmul", name
     summary = gpu_profile.summarise([("gemm_a", 0.0, 2.0), ("gelu", 1.0, 3.0), ("gemm_a", 4.0, 6.0)], steps=2, top=1)
     assert summary["busy_s"] == 2.5 and summary["kernels"] == 1.5
     assert summary["kinds_s"] == {"matmul": 2.0, "attention": 0.0, "copy": 0.0, "other": 1.0}

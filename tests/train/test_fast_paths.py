@@ -131,16 +131,18 @@ def test_fused_adamw_on_cuda_equals_the_per_parameter_loop():
 
 
 @pytest.mark.slow  # torch.compile of a forward and a backward takes a minute or more on 2 cores
-def test_compiled_backbone_and_head_give_the_eager_outputs_and_gradients():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])  # CPU C++ or GPU Triton kernels
+def test_compiled_backbone_and_head_give_the_eager_outputs_and_gradients(device):
     torch.manual_seed(0)
     backbone = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    eager = MultiCropModel(backbone, DINOHead(32, 64, 32, 16))
+    eager = MultiCropModel(backbone, DINOHead(32, 64, 32, 16)).to(device)
     compiled = MultiCropModel(VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2),
-                              DINOHead(32, 64, 32, 16))
+                              DINOHead(32, 64, 32, 16)).to(device)
     compiled.load_state_dict(eager.state_dict())
     compiled.backbone.compile()  # as DINOState.compile("all"): one graph per resolution
     compiled.head.compile()
-    views = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    views = [torch.randn(2, 3, 16, 16).to(device), torch.randn(2, 3, 16, 16).to(device),
+             torch.randn(2, 3, 8, 8).to(device)]
     outputs = []
     for model in (eager, compiled):
         logits = model(views)
@@ -187,6 +189,23 @@ def test_cuda_phase_timer_and_mfu():
     assert result.memory_kind == "cuda_max_memory_allocated" and result.peak_memory_mib > 0
     assert 0 < result.mfu < 1
     assert 0 < result.gpu_busy <= 1.1  # per step under the profiler, over the step's time without it
+
+
+@cuda
+def test_cuda_peak_memory_is_that_of_the_timed_steps(monkeypatch):
+    """Not that of the eager step that counts the FLOPs before them (with compile=all the compiled
+    steps may need less) nor of compiling: 1 GiB held while the FLOPs are counted is not in it."""
+    from dinokit.train import bench
+
+    count = bench.count_step_flops
+
+    def count_holding_a_gib(*args):
+        held = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+        return count(*args) + 0 * held.numel()
+
+    monkeypatch.setattr(bench, "count_step_flops", count_holding_a_gib)
+    result = bench.run_bench(_tiny_cfg(device="cuda"), steps=1, warmup=1, data="synthetic", measure_data=False)
+    assert 0 < result.peak_memory_mib < 1024
 
 
 @cuda
