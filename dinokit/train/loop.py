@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import shutil
@@ -32,7 +31,6 @@ from dinokit.data.public import resolve_data
 from dinokit.data.sampler import TrainingSampler
 from dinokit.data.device_views import view_pipeline
 from dinokit.data.prefetch import views_on_device
-from dinokit.eval.knn import knn_evaluate
 from dinokit.method.loss import DINOLoss
 from dinokit.method.schedules import Schedules
 from dinokit.method.teacher import make_teacher, update_teacher
@@ -47,6 +45,7 @@ from dinokit.train.distributed import (DistEnv, any_process, check_agreement, co
 from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
                                 read_sharded_record, require_tested_torch, save_sharded, shard)
 from dinokit.train.host_memory import KeepFreedMemoryInWorkers, use_memory_policy
+from dinokit.train.knn_monitor import KnnMonitor
 from dinokit.train.monitor import Monitor, StallWatch
 from dinokit.train.optim import build_optimizer, clip_gradients, set_hyperparameters, step_if_finite
 from dinokit.train.run_folder import hold_run_folder
@@ -207,6 +206,49 @@ class _SkippedSteps:
                     "too high for the batch size, a teacher temperature too low, corrupted images")
 
 
+class _UnreadableImages:
+    """The images that could not be read: each named in a warning; the run stops when the data
+    yields nothing readable (``UNREADABLE_IN_A_ROW`` images in a row) and, at the end of an epoch,
+    when more than ``max_bad_fraction`` of the epoch's images failed (counted over all processes)."""
+
+    def __init__(self, cfg: TrainConfig, monitor: Monitor, world_size: int) -> None:
+        self.cfg, self.monitor, self.world_size = cfg, monitor, world_size
+        self.failed_in_epoch = self.seen_in_epoch = self.in_a_row = 0
+
+    def count(self, batch) -> None:
+        """A batch's failed files (``batch.failed``), each warned about, and its readable images."""
+        for path in batch.failed:
+            self.monitor.write(f"warning: skipped unreadable image {path}")
+        self.failed_in_epoch += len(batch.failed)
+        self.seen_in_epoch += len(batch) + len(batch.failed)
+
+    def step_skipped(self, step: int, empty_processes: int) -> None:
+        """``empty_processes``: how many processes had no readable image in this step's batch
+        (0: the step runs). ``TrainingError`` once the data has yielded nothing readable for long."""
+        if not empty_processes:
+            self.in_a_row = 0
+            return
+        self.monitor.write(f"warning: step {step} skipped (no readable image in a batch)")
+        self.in_a_row = self.in_a_row + self.cfg.batch_size if empty_processes == self.world_size else 0
+        if self.in_a_row >= max(UNREADABLE_IN_A_ROW, 2 * self.cfg.batch_size):
+            raise TrainingError(f"the last {self.in_a_row} images of the data could not be read, not one of them "
+                                "(the warnings above name them); check the data folder")
+
+    def end_epoch(self, epoch: int, step: int) -> str | None:
+        """Logs the epoch's count (a collective) and starts the next; returns why the run must stop
+        when more than ``max_bad_fraction`` of the epoch's images failed, else None."""
+        failed, seen = sum_over_processes([self.failed_in_epoch, self.seen_in_epoch])
+        self.failed_in_epoch = self.seen_in_epoch = 0
+        if not failed:
+            return None
+        self.monitor.event("bad_images", {"epoch": epoch, "failed": failed, "seen": seen}, step)
+        self.monitor.write(f"epoch {epoch}: {failed} of {seen} images could not be read")
+        if failed > self.cfg.max_bad_fraction * seen:
+            return (f"{failed} of {seen} images failed to load in epoch {epoch}, more than "
+                    f"max_bad_fraction={self.cfg.max_bad_fraction}")
+        return None
+
+
 class _StopSignal:
     """Turns SIGINT/SIGTERM into a flag checked between steps (restored on exit)."""
 
@@ -328,44 +370,42 @@ def check_resumable(saved: dict, cfg: TrainConfig, images: dict[str, str], path:
             if key in args and args[key] != new[key] and key not in RUNTIME_SETTINGS]
 
 
-class _Knn:
-    """The periodic k-NN monitor: teacher backbone, held-out labelled images, results in knn.json."""
+def _start_or_resume(state: DINOState, cfg: TrainConfig, env: DistEnv, device: torch.device,
+                     images: dict[str, str]) -> None:
+    """Fill ``state`` for this run: from the run folder's latest checkpoint when it has one (refused
+    when it is not a training checkpoint or ``check_resumable`` says no), else from ``cfg.init``'s
+    weights when given; under FSDP on several processes the networks are sharded in between (the
+    weights of ``init`` go in whole, a resume's sharded checkpoint loads into the shards)."""
+    out = Path(cfg.out)
+    ckpt_path = out / LATEST
+    if cfg.strategy == "fsdp":
+        require_tested_torch()
+    sharded_path = latest_sharded(out / SHARDED) if cfg.strategy == "fsdp" else None
+    resume_from = sharded_path or (ckpt_path if ckpt_path.exists() else None)
+    check_agreement(env, {"config": cfg.to_dict(), **images, "checkpoint found": str(resume_from)})
+    if resume_from is None and cfg.init:
+        from dinokit.hub.load import init_training_state
 
-    def __init__(self, cfg: TrainConfig, train_images: ImageList, val_images: ImageList | None, out: Path,
-                 device: torch.device) -> None:
-        self.cfg, self.train_images, self.val_images, self.device = cfg, train_images, val_images, device
-        self.path = out / "knn.json"
-        self.results = json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    @property
-    def enabled(self) -> bool:
-        return self.val_images is not None
-
-    def due(self, epochs_done: int, total_epochs: int) -> str | None:
-        """The name of the periodic evaluation not yet made after ``epochs_done`` whole epochs
-        (None when none is due; the last epoch has the final one instead)."""
-        every = self.cfg.knn_every
-        name = f"epoch {epochs_done}"
-        if self.enabled and every and 0 < epochs_done < total_epochs and epochs_done % every == 0 \
-                and name not in self.results:
-            return name
-        return None
-
-    def run(self, name: str, backbone: nn.Module, monitor: Monitor, step: int, env: DistEnv) -> None:
-        """Called on every process: each extracts the features of its share of the images; the
-        main process gathers them, scores and writes."""
-        cfg = self.cfg
-        scores = knn_evaluate(backbone, self.train_images, self.val_images, cfg.global_crops_size, cfg.knn_k,
-                              cfg.knn_temperature, cfg.mean, cfg.std, cfg.eval_batch_size, self.device,
-                              progress=monitor.enabled, env=env)
-        if scores is None:  # not the main process
-            return
-        self.results[name] = {str(k): v for k, v in scores.items()}
-        self.path.write_text(json.dumps(self.results, indent=1))
-        k = 20 if 20 in scores else next(iter(scores))  # a k above the memory size is scored as that size
-        monitor.event("knn", {"name": name, **{f"top1_k{kk}": v["top1"] for kk, v in scores.items()}}, step)
-        monitor.write(f"k-NN ({name}): top-1 {scores[k]['top1']:.1f}%  top-5 {scores[k]['top5']:.1f}%  (k={k}, "
-                      f"{scores.memory} memory / {scores.queries} held-out images)")
+        for line in init_training_state(state, cfg.init):
+            if env.is_main:
+                print(line)
+    if cfg.strategy == "fsdp" and env.distributed:
+        shard(state.student, state.teacher, device)
+        state.optimizer = build_optimizer(state.student, device)
+    if resume_from is not None:
+        ckpt = read_sharded_record(resume_from) if sharded_path else load_checkpoint(resume_from)
+        if not sharded_path and (missing := [k for k in TRAINING_STATE if k not in ckpt]):
+            raise TrainingError(f"{resume_from} is not a dinokit training checkpoint (it has no {', '.join(missing)}); "
+                                f"pick another --out, and add --init {resume_from} to start from its weights")
+        changed = check_resumable(ckpt, cfg, images, resume_from)
+        if sharded_path:
+            load_sharded(resume_from, state)
+        else:
+            state.load_state_dict(ckpt)
+        del ckpt
+        if env.is_main:
+            print(f"dinokit: resuming {resume_from} at step {state.step}"
+                  + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -405,34 +445,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     use_memory_policy(cfg.keep_freed_memory, device)
     state = build_state(cfg, device)
     ckpt_path = out / LATEST
-    if cfg.strategy == "fsdp":
-        require_tested_torch()
-    sharded_path = latest_sharded(out / SHARDED) if cfg.strategy == "fsdp" else None
-    resume_from = sharded_path or (ckpt_path if ckpt_path.exists() else None)
-    check_agreement(env, {"config": cfg.to_dict(), **images, "checkpoint found": str(resume_from)})
-    if resume_from is None and cfg.init:
-        from dinokit.hub.load import init_training_state
-
-        for line in init_training_state(state, cfg.init):
-            if env.is_main:
-                print(line)
-    if cfg.strategy == "fsdp" and env.distributed:
-        shard(state.student, state.teacher, device)
-        state.optimizer = build_optimizer(state.student, device)
-    if resume_from is not None:
-        ckpt = read_sharded_record(resume_from) if sharded_path else load_checkpoint(resume_from)
-        if not sharded_path and (missing := [k for k in TRAINING_STATE if k not in ckpt]):
-            raise TrainingError(f"{resume_from} is not a dinokit training checkpoint (it has no {', '.join(missing)}); "
-                                f"pick another --out, and add --init {resume_from} to start from its weights")
-        changed = check_resumable(ckpt, cfg, images, resume_from)
-        if sharded_path:
-            load_sharded(resume_from, state)
-        else:
-            state.load_state_dict(ckpt)
-        del ckpt
-        if env.is_main:
-            print(f"dinokit: resuming {resume_from} at step {state.step}"
-                  + (f"; settings changed since: {', '.join(changed)}" if changed else ""))
+    _start_or_resume(state, cfg, env, device, images)
     if env.is_main:
         cfg.to_yaml(out / "config.yaml")
     steps_per_epoch = len(train_images) // cfg.batch_size
@@ -453,7 +466,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
 
     monitor = Monitor(out, schedules.total_steps, state.step, cfg.batch_size, enabled=env.is_main,
                       data_bound_hint=_data_bound_hint(cfg, device, workers))
-    knn = _Knn(cfg, train_images, val_images, out, device)
+    knn = KnnMonitor(cfg, train_images, val_images, out, device)
     why_not = _why_no_knn(cfg, train_images) or "too few images per class to hold any out"
     held_out = f"{len(val_images)} held out for k-NN" if val_images else f"no k-NN ({why_not})"
     model = f"{cfg.arch}/{cfg.patch_size}" if cfg.arch.startswith("vit") else cfg.arch
@@ -472,11 +485,12 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
         from dinokit.viz.views import save_views_grid
 
         save_views_grid(cfg, train_images, out / "views.png")
-    if knn.enabled and "untrained" not in knn.results:
-        knn.run("untrained", knn_backbone(), monitor, state.step, env)
-        knn.run("raw pixels", nn.Flatten(), monitor, state.step, env)
+    knn.baselines(knn_backbone, monitor, state.step, env)
     if state.step % steps_per_epoch == 0 and (name := knn.due(state.step // steps_per_epoch, cfg.epochs)):
         knn.run(name, knn_backbone(), monitor, state.step, env)  # the last attempt stopped before making it
+
+    skipped = _SkippedSteps(cfg.max_nonfinite_steps, monitor.write, ckpt_path)
+    unreadable = _UnreadableImages(cfg, monitor, env.world_size)
 
     def checkpoint(tag: str | None = None) -> None:
         skipped.check()  # a run that only skips steps stops before saving
@@ -495,8 +509,6 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                 for old in sorted(out.glob(f"checkpoint_epoch*{suffix}"))[:-cfg.keep_checkpoints]:
                     shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
-    bad_in_epoch, seen_in_epoch, unreadable_in_a_row = 0, 0, 0
-    skipped = _SkippedSteps(cfg.max_nonfinite_steps, monitor.write, ckpt_path)
     interrupted = False
     ready = views_on_device(loader, lambda batch: finish_views(batch.views, device) if len(batch) else None,
                             device, cfg.overlap_views)
@@ -507,21 +519,12 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             stall.tick()
             step = state.step
             epoch = step // steps_per_epoch
-            for path in batch.failed:
-                monitor.write(f"warning: skipped unreadable image {path}")
-            bad_in_epoch += len(batch.failed)
-            seen_in_epoch += len(batch) + len(batch.failed)
+            unreadable.count(batch)
             hp = schedules.at(step)
             torch.manual_seed(sample_seed(cfg.seed, 1_000_003 + env.rank, step))  # drop path
             empty = sum_over_processes([int(not len(batch))])[0]  # processes without a readable image
-            if empty:  # all processes step, or none (DDP would hang)
-                monitor.write(f"warning: step {step} skipped (no readable image in a batch)")
-                unreadable_in_a_row = unreadable_in_a_row + cfg.batch_size if empty == env.world_size else 0
-                if unreadable_in_a_row >= max(UNREADABLE_IN_A_ROW, 2 * cfg.batch_size):
-                    raise TrainingError(f"the last {unreadable_in_a_row} images of the data could not be read, not "
-                                        "one of them (the warnings above name them); check the data folder")
-            else:
-                unreadable_in_a_row = 0
+            unreadable.step_skipped(step, empty)
+            if not empty:  # all processes step, or none (DDP would hang)
                 metrics = train_step(state, views, hp, cfg, student, autocast)
                 skipped.record(step, metrics["finite"])
                 monitor.step(step, epoch, {**mean_over_processes(metrics), **hp}, data_wait)
@@ -532,16 +535,9 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
 
             end_of_epoch = state.step % steps_per_epoch == 0
             if end_of_epoch:
-                bad_in_epoch, seen_in_epoch = sum_over_processes([bad_in_epoch, seen_in_epoch])
-                if bad_in_epoch:
-                    monitor.event("bad_images", {"epoch": epoch, "failed": bad_in_epoch, "seen": seen_in_epoch}, step)
-                    monitor.write(f"epoch {epoch}: {bad_in_epoch} of {seen_in_epoch} images could not be read")
-                    if bad_in_epoch > cfg.max_bad_fraction * seen_in_epoch:
-                        checkpoint()  # the epoch's steps on the images that could be read are kept
-                        raise TrainingError(f"{bad_in_epoch} of {seen_in_epoch} images failed to load in epoch {epoch},"
-                                            f" more than max_bad_fraction={cfg.max_bad_fraction}; check the data folder. "
-                                            f"{resume_hint(cfg.out)}")
-                bad_in_epoch = seen_in_epoch = 0
+                if too_many := unreadable.end_epoch(epoch, step):
+                    checkpoint()  # the epoch's steps on the images that could be read are kept
+                    raise TrainingError(f"{too_many}; check the data folder. {resume_hint(cfg.out)}")
                 checkpoint(f"epoch{epoch + 1:04d}")
                 if name := knn.due(epoch + 1, cfg.epochs):
                     knn.run(name, knn_backbone(), monitor, state.step, env)
@@ -555,8 +551,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             stall.tick()  # k-NN and checkpoints above are not waiting for data
 
     skipped.check()
-    if not interrupted and knn.enabled and "final" not in knn.results:
-        knn.run("final", knn_backbone(), monitor, state.step, env)
+    if not interrupted:
+        knn.final(knn_backbone, monitor, state.step, env)
     monitor.close()
     if env.is_main and cfg.report and not interrupted:
         from dinokit.viz.report import write_report
@@ -564,6 +560,5 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
         print(f"dinokit: report {write_report(out)}")
     if env.distributed:
         dist.barrier()
-    scores = {name: {int(k): v for k, v in by_k.items()} for name, by_k in knn.results.items()}  # as knn_classify's
-    return RunResult(out, state.step, interrupted, scores, env.is_main,
+    return RunResult(out, state.step, interrupted, knn.scores(), env.is_main,
                      (stop.received or signal.SIGTERM) if interrupted else None)

@@ -38,6 +38,7 @@ from dinokit.files import write_text_atomically
 from dinokit.hub.load import load_backbone
 from dinokit.models.backbones import UnknownArchError, is_vit
 from dinokit.train.checkpoint import LATEST, CheckpointError
+from dinokit.train.knn_monitor import RAW_PIXELS
 from dinokit.viz.attention import DEFAULT_THRESHOLD, attention_figure, attention_maps
 
 REPORT_NAME = "report.html"
@@ -51,7 +52,6 @@ CURVES = (  # metrics.jsonl key, plot title
     ("weight_decay", "weight decay"),
     ("momentum", "teacher EMA momentum"),
 )
-BASELINES = ("untrained", "raw pixels")
 
 
 def write_report(run_dir: Path, num_attention_images: int = 4) -> Path:
@@ -196,12 +196,12 @@ def _knn_curve(ax, events: list[dict]) -> None:
         ax.text(0.5, 0.5, "no k-NN results", ha="center", va="center", transform=ax.transAxes, fontsize=9)
         return
     key = "top1_k20" if "top1_k20" in keys else keys[0]
-    trained = sorted((e["step"], e[key]) for e in knn if e.get("name") != "raw pixels" and key in e)
+    trained = sorted((e["step"], e[key]) for e in knn if e.get("name") != RAW_PIXELS and key in e)
     if trained:
         ax.plot(*zip(*trained), marker="o", label=f"teacher ({key.removeprefix('top1_')})")
     for e in knn:
-        if e.get("name") == "raw pixels" and key in e:
-            ax.axhline(e[key], color="grey", ls="--", lw=1, label="raw pixels")
+        if e.get("name") == RAW_PIXELS and key in e:
+            ax.axhline(e[key], color="grey", ls="--", lw=1, label=RAW_PIXELS)
     ax.legend(fontsize=7)
 
 

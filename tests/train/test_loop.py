@@ -148,6 +148,13 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(textures_dir, tmp_pat
     assert losses("straight") == losses("resumed")
 
 
+def test_the_resume_policy_names_only_real_settings():
+    """A setting renamed in TrainConfig but not here would silently stop being checked on resume."""
+    fields = set(TrainConfig.model_fields)
+    assert set(loop.FIXED_SETTINGS) <= fields and set(loop.RUNTIME_SETTINGS) <= fields
+    assert not set(loop.FIXED_SETTINGS) & set(loop.RUNTIME_SETTINGS)
+
+
 def test_resume_refuses_a_different_model(textures_dir, tmp_path):
     train(tiny_config(textures_dir, tmp_path / "run", epochs=1))
     with pytest.raises(loop.TrainingError, match="patch_size"):

@@ -19,6 +19,7 @@ from PIL import Image
 from dinokit.method.loss import DINOLoss
 from dinokit.train import loop
 from dinokit.train.checkpoint import load_checkpoint
+from dinokit.train.knn_monitor import KnnMonitor
 from dinokit.train.loop import TrainingError, train
 from tests.conftest import tiny_config
 
@@ -145,18 +146,18 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 def test_a_run_stopped_during_an_epoch_end_knn_makes_it_when_resumed(textures_dir, tmp_path, monkeypatch):
     cfg = tiny_config(textures_dir, tmp_path / "run", val_fraction=0.25, knn_k=(1, 5), knn_every=1, epochs=3)
-    real_run = loop._Knn.run
+    real_run = KnnMonitor.run
 
     def dies_in_epoch_2(self, name, *args):
         if name == "epoch 2":
             raise RuntimeError("killed while evaluating")
         real_run(self, name, *args)
 
-    monkeypatch.setattr(loop._Knn, "run", dies_in_epoch_2)
+    monkeypatch.setattr(KnnMonitor, "run", dies_in_epoch_2)
     with pytest.raises(RuntimeError, match="killed while evaluating"):
         train(cfg)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 2  # saved before the k-NN began
-    monkeypatch.setattr(loop._Knn, "run", real_run)
+    monkeypatch.setattr(KnnMonitor, "run", real_run)
     train(cfg)
     assert list(json.loads((tmp_path / "run" / "knn.json").read_text())) == \
         ["untrained", "raw pixels", "epoch 1", "epoch 2", "final"]
