@@ -88,6 +88,40 @@ def test_linear_probe_of_the_student(run_dir, textures_dir):
     assert f"last top-1 {saved['last_top1']:8.2f}" in result.output
 
 
+
+def test_linear_trains_on_cached_features_by_default_on_a_cpu(run_dir, textures_dir):
+    result = invoke("linear", "--checkpoint", run_dir, "--train-data", textures_dir, "--val-fraction", 0.25,
+                    "--epochs", 2, "--device", "cpu", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert f"  {4 * 192} features, 2 epochs on cached features\n" in result.output
+    assert json.loads((run_dir / "eval_linear.json").read_text())["augment"] is False
+
+
+@pytest.mark.parametrize("device, flag, augment", [
+    ("cuda", None, True), ("cuda", "--cached-features", False), ("cpu", None, False), ("cpu", "--augment", True),
+])
+def test_linear_defaults_to_augmented_views_on_a_gpu_and_cached_features_on_a_cpu(run_dir, textures_dir, monkeypatch,
+                                                                                  device, flag, augment):
+    """The choice alone: the device is pretended (no GPU needed) and the probe is not trained."""
+    import inspect
+
+    from dinokit.eval import linear
+    from dinokit.train import distributed
+
+    asked, signature = [], inspect.signature(linear.linear_probe)
+
+    def probe(*args, **kwargs):
+        asked.append(signature.bind(*args, **kwargs).arguments["augment"])
+        return linear.ProbeResult(50.0, 1, 50.0, 90.0, 768, asked[-1])
+
+    monkeypatch.setattr(distributed, "resolve_device", lambda spec, local_rank=0: torch.device(device))
+    monkeypatch.setattr(linear, "linear_probe", probe)
+    result = invoke("linear", "--checkpoint", run_dir, "--train-data", textures_dir, "--val-fraction", 0.25,
+                    "--epochs", 1, "--device", device, "--no-cache", *([flag] if flag else []))
+    assert result.exit_code == 0, result.output
+    assert asked == [augment]
+    assert f"768 features, 1 epochs on {'augmented views' if augment else 'cached features'}" in result.output
+
 def test_baseline_results_go_to_the_out_dir(tmp_path):
     data = make_folder(tmp_path / "colours", COLOURS, per_class=5)
     result = invoke("knn", "--checkpoint", "pixels", "--image-size", 16, "--train-data", data, "--k", 3,

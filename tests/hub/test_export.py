@@ -149,3 +149,29 @@ def test_cli_export_and_its_errors(run_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the 'export' extra were not installed
     result = runner.invoke(main, ["export", str(run), "--format", "onnx", "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "pip install 'dinokit[export]'" in result.output
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+@pytest.mark.parametrize("diff, shown", [(1.0, "1.00e+00"), (float("nan"), "nan")])
+def test_a_traced_export_that_disagrees_with_pytorch_is_deleted_and_refused(run_dir, tmp_path, monkeypatch, diff,
+                                                                             shown):
+    from dinokit.hub import export
+
+    monkeypatch.setattr(export, "max_difference", lambda *args: diff)  # as if the traced graph computed else
+    result = CliRunner().invoke(main, ["export", str(run_dir[0]), "--format", "torchscript", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output == (f"Error: the export backbone.torchscript.pt differs from the PyTorch model by {shown} "
+                             "(more than 0.001) on the check inputs; it was deleted\n")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a backbone.json that would announce it
+
+
+def test_an_onnx_export_that_disagrees_with_pytorch_is_deleted_and_refused(run_dir, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from dinokit.hub import export
+
+    monkeypatch.setattr(export, "max_difference", lambda *args: 0.5)
+    with pytest.raises(CheckpointError, match=r"^the export backbone\.onnx differs from the PyTorch model by "
+                                              r"5\.00e-01 \(more than 0\.001\) on the check inputs; it was deleted$"):
+        export_backbone(run_dir[0], tmp_path, "onnx")
+    assert list(tmp_path.iterdir()) == []
+

@@ -236,6 +236,80 @@ def test_disagreement_names_the_process_and_the_difference():
     assert describe_disagreement([base, other_lr]) == "config differs (lr=0.001 on process 0 but 0.002 on process 1)"
 
 
+# --- batch norm -------------------------------------------------------------------------------
+
+def _norm_layers(model: torch.nn.Module) -> dict[str, str]:
+    """Each batch norm layer's type, by name."""
+    return {name: type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+
+def test_sync_batch_norm_converts_each_batch_norm_of_a_convnet_keeping_its_values():
+    from dinokit.models.backbones import build_backbone
+    from dinokit.train.distributed import sync_batch_norm
+
+    resnet = build_backbone("resnet18", img_size=32)
+    with torch.no_grad():
+        for m in resnet.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)  # not the initial values, so a copy can be told from a fresh layer
+    norms, state = _norm_layers(resnet), {k: v.clone() for k, v in resnet.state_dict().items()}
+    assert len(norms) == 20 and set(norms.values()) == {"BatchNorm2d"}
+    converted = sync_batch_norm(resnet, "resnet18")
+    assert _norm_layers(converted) == dict.fromkeys(norms, "SyncBatchNorm")
+    assert converted.state_dict().keys() == state.keys()
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in state.items())
+
+
+def test_sync_batch_norm_keeps_the_activation_of_timms_fused_norm_layers():
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    from dinokit.train.distributed import sync_batch_norm
+
+    model = timm.create_model("lcnet_050", num_classes=0)
+    acts = {name: type(m.act) for name, m in model.named_modules() if isinstance(m, BatchNormAct2d)}
+    converted = sync_batch_norm(model, "timm:lcnet_050")
+    fused = {name: m for name, m in converted.named_modules() if isinstance(m, SyncBatchNormAct)}
+    assert fused.keys() == acts.keys() and len(acts) == 27
+    assert {name: type(m.act) for name, m in fused.items()} == acts and set(acts.values()) != {torch.nn.Identity}
+
+
+def test_a_vit_has_no_batch_norm_to_convert():
+    from dinokit.models.backbones import build_backbone
+    from dinokit.train.distributed import sync_batch_norm
+
+    vit = build_backbone("vit_tiny", patch_size=8, img_size=32)
+    layers = [(name, type(m)) for name, m in vit.named_modules()]
+    assert _norm_layers(vit) == {}
+    assert [(name, type(m)) for name, m in sync_batch_norm(vit, "vit_tiny").named_modules()] == layers
+
+
+@pytest.mark.parametrize("device, in_a_group", [
+    ("cpu", "BatchNorm2d"),
+    pytest.param("cuda", "SyncBatchNorm",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_the_training_state_synchronises_batch_norm_in_a_process_group_on_a_gpu_only(tmp_path, device, in_a_group):
+    """Without a process group nothing is converted; in one, on CPUs (gloo) each process
+    normalises its own share, and on GPUs batch norm is computed over the global batch."""
+    import torch.distributed as dist
+
+    from dinokit.train.loop import build_state
+
+    cfg = tiny_config(tmp_path, tmp_path / "run", arch="resnet18", device=device)
+    alone = build_state(cfg, torch.device(device))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        grouped = build_state(cfg, torch.device(device))
+    finally:
+        dist.destroy_process_group()
+    for state, norm in ((alone, "BatchNorm2d"), (grouped, in_a_group)):
+        for model in (state.student, state.teacher):
+            assert _norm_layers(model) == dict.fromkeys(_norm_layers(alone.student), norm)
+            assert len(_norm_layers(model)) == 20
+
+
 # --- whole runs -------------------------------------------------------------------------------
 
 def test_ddp_two_processes_equal_one_process(setup, reference):
@@ -374,6 +448,58 @@ def test_a_rendezvous_that_cannot_form_says_so(setup, tmp_path):
     assert result.returncode == 1
     assert f"process 1 of 2: the 2 processes did not meet at 127.0.0.1:{port} within 2 s" in result.stderr
     assert "Traceback" not in result.stderr and "frame #" not in result.stderr  # no C++ stack from c10d either
+
+
+def test_rank_and_world_size_set_by_hand_without_the_address_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from dinokit.cli import main
+
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(var, value)  # init_distributed writes them back: restored after the test
+    monkeypatch.setenv("DINOKIT_RENDEZVOUS_TIMEOUT", "2")  # were the check gone: a failure in seconds, not 900 s
+    result = CliRunner().invoke(main, ["train", "--config", "laptop", "--out", str(tmp_path / "run"),
+                                       "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.output == ("Error: process 0 of 2: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT "
+                             "not; set them to the address of process 0's node and a free port there (torchrun sets "
+                             "them for you)\n")
+    assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("given, missing", [({"MASTER_ADDR": "node01"}, "MASTER_PORT"),
+                                            ({"MASTER_ADDR": "", "MASTER_PORT": "29500"}, "MASTER_ADDR")])
+def test_the_address_message_names_what_is_missing(monkeypatch, given, missing):
+    from dinokit.train.distributed import DistributedError, init_distributed
+
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", **given}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("DINOKIT_RENDEZVOUS_TIMEOUT", "2")
+    with pytest.raises(DistributedError, match=f"^process 1 of 4: RANK and WORLD_SIZE are set but {missing} not; "):
+        init_distributed(torch.device("cpu"))
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_one_line(textures_dir, tmp_path, monkeypatch):
+    """Process 0 of a run of 4 processes (pretended: no process group is made) refuses batch 10."""
+    import contextlib
+
+    from click.testing import CliRunner
+
+    from dinokit.cli import main
+    from dinokit.train import loop
+
+    monkeypatch.setattr(loop, "init_distributed", lambda device: DistEnv(0, 4, 0))
+    monkeypatch.setattr(loop, "leaders_first", lambda env: contextlib.nullcontext())  # no others to wait for
+    tiny_config(textures_dir, tmp_path / "run", batch_size=10).to_yaml(tmp_path / "run.yaml")
+    result = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "run.yaml")])
+    assert result.exit_code == 2
+    assert result.output.endswith("Error: batch_size 10 (the global batch) does not split evenly over 4 processes; "
+                                  "use a multiple of 4\n"), result.output
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("spec, message", [

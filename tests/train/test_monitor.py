@@ -1,6 +1,8 @@
 import json
 import time
 
+import pytest
+
 from dinokit.train.monitor import Monitor, StallWatch, forget_after
 
 
@@ -58,3 +60,34 @@ def test_a_resumed_run_forgets_what_was_logged_after_its_checkpoint(tmp_path):
     forget_after(path, 4)
     assert path.read_text() == before and not (tmp_path / ".metrics.jsonl.tmp").exists()
     forget_after(tmp_path / "absent.jsonl", 3)
+
+
+def test_a_resumed_run_hides_in_tensorboard_what_was_logged_after_its_checkpoint(tmp_path):
+    """The steps a killed attempt logged past the checkpoint, and a later k-NN result, vanish from
+    TensorBoard when the run resumes from that checkpoint; what came before stays."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    values = {"lr": 1e-4, "teacher_temp": 0.04, "momentum": 0.996, "teacher_entropy": 1.0, "teacher_batch_entropy": 2.0}
+
+    def attempt(start: int, end: int, loss_offset: float, knn_steps=()) -> None:
+        monitor = Monitor(tmp_path, 10, start, 8)
+        for step in range(start, end):
+            monitor.step(step, 0, {"loss": loss_offset + step, **values}, data_wait=0.0)
+            monitor.flush()
+            if step + 1 in knn_steps:
+                monitor.event("knn", {"top1_k20": 10.0 * (step + 1)}, step + 1)
+        monitor.close()
+
+    attempt(0, 8, 0.0, knn_steps=(2, 6))  # killed after step 7; its last checkpoint holds 4 steps
+    [killed] = (tmp_path / "tensorboard").iterdir()
+    killed.rename(killed.with_name("events.out.tfevents.0000000000.killed"))  # read first, as its time says
+    attempt(4, 10, 100.0)  # resumed at step 4: steps 4 to 9 again
+
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    # Step 4, the first one redone, is left out: the killed attempt's value of it is not hidden
+    # (purge_step is the checkpoint's step + 1), so it shows beside the resumed run's.
+    assert [(s, v) for s, v in losses if s != 4] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)] + [
+        (s, 100.0 + s) for s in range(5, 10)]  # the killed attempt's steps 5 to 7 are gone
+    assert (4, 104.0) in losses
+    assert [(e.step, e.value) for e in events.Scalars("knn/top1_k20")] == [(2, 20.0)]  # the one at step 6 is gone

@@ -221,6 +221,38 @@ def test_sigterm_saves_and_explains_how_to_resume(textures_dir, tmp_path):
     assert train(cfg).steps == 32
 
 
+
+def test_a_second_ctrl_c_stops_at_once_without_saving_and_exits_with_130(textures_dir, tmp_path, monkeypatch):
+    """The first Ctrl-C asks for a checkpoint after the step; a second one before that step ends
+    gives up at once: the last checkpoint stays as it was, and the command ends with Ctrl-C's code."""
+    from click.testing import CliRunner
+
+    from dinokit.cli import main
+
+    cfg = tiny_config(textures_dir, tmp_path / "run", epochs=1, checkpoint_every_steps=2)
+    cfg.to_yaml(tmp_path / "run.yaml")
+    real_step, ctrl_c = loop.train_step, signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_twice_in_step_3(state, *args, **kwargs):
+        if state.step == 3:
+            stop = signal.getsignal(signal.SIGINT).__self__  # the run's _StopSignal
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while stop.received is None and time.monotonic() < deadline:  # the first one only sets a flag
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # the second one ends this at once
+        return real_step(state, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", ctrl_c_twice_in_step_3)
+    result = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "run.yaml")])
+    assert result.exit_code == 130, result.output
+    assert "dinokit: SIGINT: stopping after this step, with a checkpoint" in result.output
+    assert "dinokit: stopping now, without saving; the last checkpoint is intact" in result.output
+    assert "Traceback" not in result.output and "Aborted" not in result.output
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["step"] == 2  # not saved at step 3 or 4
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # the handler before the run is back
+
 def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(textures_dir, tmp_path):
     """SLURM's preemption and ``kill -- -PGID`` signal the data loader workers too: they must leave
     the signal to the main process (they used to die of it, and the main process with them)."""

@@ -113,9 +113,16 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_folder_behind(tmp_path, monk
 
 
 def test_other_processes_of_a_distributed_run_neither_make_nor_lock(tmp_path):
-    with hold_run_folder(tmp_path / "run"):
+    ran = []
+    with hold_run_folder(tmp_path / "elsewhere", owner=False):  # neither make ...
+        assert not (tmp_path / "elsewhere").exists()
+        ran.append("new")
+    (tmp_path / "run").mkdir()
+    with hold_run_folder(tmp_path / "run", owner=False):  # ... nor lock: the owner takes the folder meanwhile
+        assert not (tmp_path / "run" / LOCK).exists()
+        with hold_run_folder(tmp_path / "run"):
+            ran.append("owner")
+    with hold_run_folder(tmp_path / "run"):  # and, held by the owner, the folder is not refused to the others
         with hold_run_folder(tmp_path / "run", owner=False):
-            pass
-    with hold_run_folder(tmp_path / "elsewhere", owner=False):
-        pass
-    assert not (tmp_path / "elsewhere").exists()
+            ran.append("held")
+    assert ran == ["new", "owner", "held"]

@@ -182,11 +182,12 @@ def test_save_attention_writes_one_file_per_head(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "image.png")), maps.image)
 
 
-def test_figure_has_two_rows_per_head_plus_the_image():
+def test_figure_has_two_rows_of_a_column_per_head_plus_one_for_the_image():
     maps = AttentionMaps(np.zeros((16, 24, 3), np.uint8), np.full((4, 2, 3), 1 / 6, np.float32),
                          np.ones((4, 2, 3), bool), 8, 0.6)
     fig = attention_figure(maps, title="t")
     assert len(fig.axes) == 2 * 5
+    assert {ax.get_subplotspec().get_gridspec().get_geometry() for ax in fig.axes} == {(2, 5)}  # 2 rows, 4 + 1 columns
 
 
 def test_the_model_mode_is_restored():

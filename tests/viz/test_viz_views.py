@@ -44,5 +44,30 @@ def test_unreadable_images_are_passed_over(textures_dir, tmp_path):
     images.paths[0] = bad
     one_row = save_views_grid(cfg, images, tmp_path / "views.png", num_images=2)
     assert Image.open(one_row).size[1] < Image.open(good).size[1]
-    empty = save_views_grid(cfg, images.subset([0]), tmp_path / "empty.png")
-    assert empty.exists()
+
+
+
+def test_a_list_with_no_readable_image_gives_a_figure_saying_so(textures_dir, tmp_path, monkeypatch):
+    from matplotlib.image import AxesImage
+    from matplotlib.text import Text
+
+    from dinokit.viz import views
+
+    figures = []
+
+    class Kept(views.Figure):  # the figure drawn, kept to read what it says
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(views, "Figure", Kept)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    images = scan_folder(textures_dir)
+    images.paths[0] = bad
+    empty = save_views_grid(tiny_config(textures_dir, tmp_path), images.subset([0]), tmp_path / "empty.png")
+    [figure] = figures
+    assert "no readable image" in [t.get_text() for t in figure.findobj(Text)]
+    assert figure.findobj(AxesImage) == []  # no picture of any view
+    pixels = np.asarray(Image.open(empty).convert("L"))
+    assert pixels.min() < 128 < pixels.max()  # written on, not a blank page
