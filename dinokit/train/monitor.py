@@ -3,6 +3,12 @@
 Only the main process writes. Per-step values are buffered as tensors and written every
 ``log_every`` steps, so the GPU is not synchronised each step for logging. A resumed run first
 drops what was logged after the checkpoint it resumes from, so each step is in the record once.
+
+Steps are counted two ways: ``metrics.jsonl``'s ``step`` is the step's index (0 for the first),
+TensorBoard's x-axis the number of steps done (1 after the first). On TensorBoard's axis a step's
+values and the events after it (a k-NN result after an epoch of N steps, at N) fall at the same
+point, and a resume from the checkpoint taken after N steps hides everything after N (its
+``purge_step``): the redone steps' old values, not the events of the checkpoint itself.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ class Monitor:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # TensorBoard hides what an earlier attempt logged after the resumed checkpoint
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)  # steps done
             except ImportError:
                 tqdm.write("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
         self.window_start = time.perf_counter()
@@ -71,7 +77,7 @@ class Monitor:
             if self.tb is not None:
                 for key, value in row.items():
                     if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                        self.tb.add_scalar(f"train/{key}", value, row["step"])
+                        self.tb.add_scalar(f"train/{key}", value, row["step"] + 1)  # steps done: see above
         self.metrics_file.flush()
         if rows:
             last = rows[-1]
