@@ -61,4 +61,7 @@ def resolve_data(spec: str | None) -> Path:
     path = Path(spec).expanduser()
     if not path.exists() and spec.lower() in PUBLIC_SETS:
         return public_folder(spec.lower())
+    if not path.exists() and len(path.parts) == 1:  # a bare word: a folder here, or a misspelt name
+        raise DataError(f"data folder {spec} does not exist here, and {spec!r} names no public data set "
+                        f"(known: {', '.join(PUBLIC_SETS)})")
     return path

@@ -87,11 +87,15 @@ def test_an_existing_path_wins_over_a_name(cache, offline, monkeypatch):
     assert resolve_data(str(cache / "cifar10-train")) == cache / "cifar10-train"  # any path is taken as it is
 
 
-def test_an_unknown_name_is_refused_and_taken_as_a_path_by_the_data_setting(cache, offline, monkeypatch):
+def test_an_unknown_name_is_refused_and_a_missing_bare_word_names_the_known_sets(cache, offline, monkeypatch,
+                                                                                 tmp_path):
     with pytest.raises(DataError, match=r"^unknown public data set 'mnist'; known: cifar10, cifar100$"):
         public_folder("mnist")
     monkeypatch.setattr(public, "public_folder", lambda *args, **kwargs: pytest.fail("looked up as a name"))
-    assert resolve_data("mnist") == Path("mnist")  # `scan_folder` then says "data folder mnist does not exist"
+    with pytest.raises(DataError, match=r"^data folder mnist does not exist here, and 'mnist' names no public data "
+                                        r"set \(known: cifar10, cifar100\)$"):  # "data folder mnist does not exist"
+        resolve_data("mnist")
+    assert resolve_data(str(tmp_path / "missing")) == tmp_path / "missing"  # a path: scan_folder says it is missing
 
 
 def test_a_download_that_cannot_happen_is_one_clear_error(cache, offline):
