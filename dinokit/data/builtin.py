@@ -19,23 +19,17 @@ The images are written once as PNG files in class folders under the cache
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from dinokit.data.folders import DataError
+from dinokit.files import cache_dir, folder_made_once
 
 TEXTURES = ("stripes_across", "stripes_down", "checkerboard", "dots", "hatching", "rings", "grid", "speckle")
 VERSION = 3
 SUPERSAMPLE = 2  # drawn at twice the size, then downsampled: anti-aliased edges
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DINOKIT_CACHE", Path.home() / ".cache" / "dinokit")).expanduser()
 
 
 def builtin_textures(images_per_class: int = 300, size: int = 64, seed: int = 0, root: str | Path | None = None) -> Path:
@@ -45,28 +39,19 @@ def builtin_textures(images_per_class: int = 300, size: int = 64, seed: int = 0,
     images of ``size`` x ``size`` px. Generation is atomic: a half-written set is never used.
     """
     base = Path(root) if root else cache_dir()
-    folder = base / f"textures-v{VERSION}-{images_per_class}x{size}px-seed{seed}"
-    if (folder / ".complete").exists():
-        return folder
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".textures-", dir=base))
-    except OSError as err:
-        raise DataError(f"cannot write the built-in data set into {base} ({err.strerror or err}); point "
-                        f"DINOKIT_CACHE at a writable folder") from None
-    try:
+
+    def draw_all(staging: Path) -> None:
         rng = np.random.default_rng(seed)
         for texture in TEXTURES:
             (staging / texture).mkdir()
             for i in range(images_per_class):
                 draw_texture_image(texture, size, rng).save(staging / texture / f"{i:04d}.png")
-        (staging / ".complete").touch()
-        if folder.exists():  # an earlier, interrupted attempt
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+
+    try:
+        return folder_made_once(base / f"textures-v{VERSION}-{images_per_class}x{size}px-seed{seed}", draw_all)
+    except OSError as err:
+        raise DataError(f"cannot write the built-in data set into {base} ({err.strerror or err}); point "
+                        f"DINOKIT_CACHE at a writable folder") from None
 
 
 def draw_texture_image(texture: str, size: int, rng: np.random.Generator) -> Image.Image:

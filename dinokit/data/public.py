@@ -7,12 +7,11 @@ is an ordinary labelled folder.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
-from dinokit.data.builtin import cache_dir, builtin_textures
+from dinokit.data.builtin import builtin_textures
 from dinokit.data.folders import DataError
+from dinokit.files import COMPLETE, cache_dir, folder_made_once
 
 PUBLIC_SETS = ("cifar10", "cifar100")
 
@@ -29,7 +28,7 @@ def public_folder(name: str, root: str | Path | None = None, download: bool = Tr
         raise DataError(f"unknown public data set {name!r}; known: {', '.join(PUBLIC_SETS)}")
     base = Path(root) if root else cache_dir()
     folder = base / f"{name}-train"
-    if (folder / ".complete").exists():
+    if (folder / COMPLETE).exists():
         return folder
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     try:
@@ -37,20 +36,18 @@ def public_folder(name: str, root: str | Path | None = None, download: bool = Tr
     except (RuntimeError, OSError) as err:
         raise DataError(f"could not get {name} into {base / 'raw'} ({err}); without internet, "
                         f"point --data at a folder of images instead") from None
-    base.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=base))
-    try:
+
+    def write_images(staging: Path) -> None:
         for cls_name in raw.classes:
             (staging / cls_name).mkdir()
         for i, (image, label) in enumerate(raw):
             image.save(staging / raw.classes[label] / f"{i:05d}.png")
-        (staging / ".complete").touch()
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+
+    try:
+        return folder_made_once(folder, write_images)
+    except OSError as err:
+        raise DataError(f"cannot write {name}'s images into {base} ({err.strerror or err}); point DINOKIT_CACHE "
+                        f"at a writable folder with room for them") from None
 
 
 def resolve_data(spec: str | None) -> Path:

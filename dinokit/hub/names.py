@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dinokit.data.builtin import cache_dir
+from dinokit.files import cache_dir
 from dinokit.train.checkpoint import CheckpointError
 
 BASE_URL = "https://dl.fbaipublicfiles.com/dino"
