@@ -3,7 +3,8 @@
 import pytest
 from click.testing import CliRunner
 
-from dinokit.cli import build_train_config, main
+from dinokit.cli import main
+from dinokit.cli.train import build_train_config
 from dinokit.config import ConfigError
 
 
@@ -42,7 +43,7 @@ def test_a_run_folder_that_is_a_file_is_a_one_line_error(tmp_path):
 
 
 def test_the_closing_knn_table_has_a_column_per_k(capsys):
-    from dinokit.cli import _print_knn_summary
+    from dinokit.cli.train import _print_knn_summary
 
     _print_knn_summary({"untrained": {10: {"top1": 40.25, "top5": 90.0}, 48: {"top1": 31.0, "top5": 88.0}},
                         "final": {10: {"top1": 80.0, "top5": 99.0}, 48: {"top1": 71.5, "top5": 98.0}}})
