@@ -107,7 +107,7 @@ part_tests() {
         tests/train/test_fast_paths.py tests/data/test_device_views.py tests/method/test_loss.py \
         tests/method/test_teacher.py tests/data/test_prefetch.py \
         tests/train/test_distributed.py::test_torchrun_with_one_process_equals_no_launcher \
-        tests/cli/test_bench_cli.py -k "cuda or gpu"
+        tests/cli/test_bench_cli.py tests/bench/test_scripts.py -k "cuda or gpu"
 }
 
 part_bench() {
