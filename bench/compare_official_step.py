@@ -141,15 +141,15 @@ def run_official(official: Official, cfg: TrainConfig, init: State, steps: list[
                                    cfg.teacher_temp, 1, 1, cfg.student_temp, cfg.center_momentum).to(dtype)
     # its per-epoch temperature schedule (made from the warm-up arguments above), replaced by the steps':
     hps = [schedules.at(step) for step in steps]
-    dino_loss.teacher_temp_schedule = np.array([hp["teacher_temp"] for hp in hps])  # indexed by i below
+    dino_loss.teacher_temp_schedule = np.array([hp.teacher_temp for hp in hps])  # indexed by i below
     optimizer = torch.optim.AdamW(utils.get_params_groups(student))
     run = Run()
     for i, (step, hp) in enumerate(zip(steps, hps)):
         epoch = step // schedules.steps_per_epoch
         for k, group in enumerate(optimizer.param_groups):
-            group["lr"] = hp["lr"]
+            group["lr"] = hp.lr
             if k == 0:  # only the first group is regularised
-                group["weight_decay"] = hp["weight_decay"]
+                group["weight_decay"] = hp.weight_decay
         images = views_at(step, cfg, seed, dtype)
         teacher_output = teacher(images[:2])
         student_output = student(images)
@@ -160,7 +160,7 @@ def run_official(official: Official, cfg: TrainConfig, init: State, steps: list[
         utils.cancel_gradients_last_layer(epoch, student, cfg.freeze_last_layer)
         optimizer.step()
         with torch.no_grad():
-            m = hp["momentum"]
+            m = hp.momentum
             for param_q, param_k in zip(student.parameters(), teacher.parameters()):
                 param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
         run.losses.append(loss.item())
@@ -264,7 +264,7 @@ def run_case(official: Official, cfg: TrainConfig, init: State, epoch: int, args
     comparisons = {name: compare(runs[ref], runs[other], init) for name, (ref, other) in pairs.items()}
     print_steps(steps, schedules, runs, comparisons)
     print_comparisons(comparisons)
-    return {"steps": steps, "hyperparameters": [schedules.at(s) for s in steps],
+    return {"steps": steps, "hyperparameters": [schedules.at(s).as_dict() for s in steps],
             "losses": {name: run.losses for name, run in runs.items()},
             "clipped_tensors": runs["official"].clipped, "comparisons": comparisons}
 
@@ -277,8 +277,8 @@ def print_steps(steps: list[int], schedules: Schedules, runs: dict[str, Run], co
           f"{'official loss':>14}" + "".join(f" {name + ': loss |diff|':>30} {'grad rel':>9}" for name in dinokit))
     for i, step in enumerate(steps):
         hp = schedules.at(step)
-        line = (f"  {step:>4} {hp['lr']:>9.2e} {hp['weight_decay']:>7.4f} {hp['momentum']:>8.5f} "
-                f"{hp['teacher_temp']:>7.4f} {int(hp['freeze_last_layer']):>6} {runs['official'].clipped[i]:>7} "
+        line = (f"  {step:>4} {hp.lr:>9.2e} {hp.weight_decay:>7.4f} {hp.momentum:>8.5f} "
+                f"{hp.teacher_temp:>7.4f} {int(hp.freeze_last_layer):>6} {runs['official'].clipped[i]:>7} "
                 f"{runs['official'].losses[i]:>14.8f}")
         for pair in dinokit.values():
             c = comparisons[pair]["steps"][i]

@@ -56,7 +56,8 @@ from pathlib import Path
 
 import torch
 
-from dinokit.train.bench import _step_hyperparameters, describe_machine, peak_memory, save_result, synchronize
+from dinokit.method.schedules import StepHyperparameters
+from dinokit.train.bench import describe_machine, peak_memory, save_result, synchronize
 from dinokit.train.host_memory import use_memory_policy
 
 IMPLEMENTATIONS = ("dinokit", "dinokit-bf16", "dinokit+compiled-loss", "dinokit-bf16+compiled-loss", "official",
@@ -142,7 +143,8 @@ HYPER = {"lr": 1.25e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp":
 def build_dinokit(w: dict, precision: str, compile_: str):
     """dinokit's own training step (``dinokit.train.loop.train_step``) on the workload."""
     from dinokit.config import TrainConfig
-    from dinokit.train.loop import _autocast, build_state, train_step
+    from dinokit.train.devices import autocast_for
+    from dinokit.train.loop import build_state, train_step
 
     cfg = TrainConfig.build({
         "arch": w["arch"], "patch_size": w["patch_size"], "global_crops_size": w["global_size"],
@@ -157,7 +159,7 @@ def build_dinokit(w: dict, precision: str, compile_: str):
     use_memory_policy(cfg.keep_freed_memory, device)  # as dinokit train does
     state = build_state(cfg, device)
     state.compile(cfg.compile)
-    autocast, hp, views = _autocast(cfg, device), _step_hyperparameters(cfg), views_for(w)
+    autocast, hp, views = autocast_for(device, cfg.precision), StepHyperparameters.mid_run(cfg), views_for(w)
     finite: list[torch.Tensor] = []
     read_every = cfg.log_every if device.type == "cuda" else 1  # as dinokit train reads them: no wait per GPU step
 

@@ -61,8 +61,9 @@ def bench(config: str | None, compile_: str | None, synthetic: bool, steps: int,
     dinokit bench --data-only --workers 4
     """
     from dinokit.train import bench as lib
-    from dinokit.train.distributed import launcher_env, resolve_device
-    from dinokit.train.loop import _num_workers
+    from dinokit.train.devices import resolve_device
+    from dinokit.train.distributed import launcher_env
+    from dinokit.train.loop import training_loader_workers
 
     env = launcher_env()
     if env.distributed:
@@ -89,7 +90,7 @@ def bench(config: str | None, compile_: str | None, synthetic: bool, steps: int,
     cfg = TrainConfig.build({**base, "device": str(device)}, values)
 
     if data_only:
-        workers = _num_workers(cfg, device)
+        workers = training_loader_workers(cfg, device)
         per_core = lib.measure_pipeline(cfg, batches=max(1, steps // 4), workers=0, warmup=warmup)
         record = {"kind": "data_pipeline", "machine": lib.describe_machine(device),
                   "workload": lib.describe_pipeline(cfg, workers), "images_per_s_per_core": per_core}

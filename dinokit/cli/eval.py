@@ -106,7 +106,8 @@ def _open(checkpoint: str, which: str, arch: str | None, patch_size: int | None,
 def _processes(spec: str):
     """``(device, DistEnv)``: under torchrun or srun the process group is joined for the command's
     duration (each process extracts a share of the features); otherwise one process."""
-    from dinokit.train.distributed import init_distributed, launcher_env, resolve_device, shutdown_distributed
+    from dinokit.train.devices import resolve_device
+    from dinokit.train.distributed import init_distributed, launcher_env, shutdown_distributed
 
     device = resolve_device(spec, launcher_env().local_rank)
     env = init_distributed(device)
@@ -117,12 +118,13 @@ def _processes(spec: str):
 
 
 def _workers(num_workers: int | None, device) -> int:
-    """``--num-workers``, or ``gpu_loader_workers()`` on a GPU; none on a CPU (the model needs the cores)."""
+    """``--num-workers``, or ``default_loader_workers``: all but one of the process's cores on a
+    GPU; none on a CPU (the model needs the cores)."""
     if num_workers is not None:
         return num_workers
-    from dinokit.train.distributed import gpu_loader_workers
+    from dinokit.train.devices import default_loader_workers
 
-    return gpu_loader_workers() if device.type == "cuda" else 0
+    return default_loader_workers(device, on_cpu="none")
 
 
 def _labelled_data(train_data: str, test_data: str | None, val_fraction: float | None, seed: int):
@@ -213,7 +215,7 @@ def linear(checkpoint, which, image_size, arch, patch_size, batch_size, device, 
            cached) -> None:
     """Linear-probe accuracy of frozen features (the DINO protocol: SGD, cosine lr, best and last epoch)."""
     from dinokit.eval.linear import linear_probe
-    from dinokit.train.distributed import resolve_device
+    from dinokit.train.devices import resolve_device
 
     if epochs < 1 or lr <= 0:
         raise UserError("--epochs must be at least 1 and --lr positive")

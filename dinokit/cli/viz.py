@@ -44,7 +44,7 @@ def _setup(source: Path, checkpoint: str, weights: str | None, which: str, devic
     one-line error. The output name is the file's path below SOURCE without its extension, unless
     another image's name or a ``reserved`` one would coincide (``x.jpg``, ``x.png``): see ``output_names``."""
     from dinokit.hub.load import open_backbone
-    from dinokit.train.distributed import resolve_device
+    from dinokit.train.devices import resolve_device
     from dinokit.viz.attention import NeedsViTError, require_vit
     from dinokit.viz.inputs import image_paths, output_names
 

@@ -5,7 +5,8 @@ resize to 256/224 of the crop, centre crop) and returns a ``Features`` of ``N x 
 CPU features for the N images that decoded (unreadable files are skipped and listed).
 ``cached_features`` keys that result by the weights, the feature kind, the crop and the file
 list (each file's size and modification time included), so the same evaluation twice computes
-it once. ``open_source`` turns what a user names (a run folder, a checkpoint file, ``pixels`` or
+it once; under a launcher each process extracts a share of the images (``gather_features``).
+``open_source`` turns what a user names (a run folder, a checkpoint file, ``pixels`` or
 ``random:<arch>[/<patch>]``) into a backbone, its evaluation defaults and the folder its results
 and cache go to.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -31,6 +33,8 @@ from dinokit.data.transforms import eval_resize_side, eval_transform
 from dinokit.files import atomic_write
 from dinokit.hub.load import LATEST, open_backbone, open_untrained
 from dinokit.models.backbones import is_vit
+from dinokit.train.devices import autocast_for
+from dinokit.train.distributed import DistEnv, any_process
 
 
 @dataclass
@@ -81,7 +85,8 @@ def extract_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor
     if isinstance(backbone, nn.Module):
         backbone.eval()
     feats, labels, paths, failed = [], [], [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    # fp32 on a CPU even inside a caller's autocast: a cache of features has no precision in its key
+    autocast = autocast_for(device, override_enclosing_autocast=True)
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         failed += batch.failed
         if not len(batch):
@@ -103,7 +108,8 @@ def extract_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor
 
 def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: ImageList | str | Path,
                     cache_dir: str | Path | None = None, cache_tag: str | None = None, kind: str = "cls",
-                    crop_size: int = 224, mean=None, std=None, env=None, **kwargs) -> Features | None:
+                    crop_size: int = 224, mean=None, std=None, env: DistEnv | None = None,
+                    **kwargs) -> Features | None:
     """``extract_features`` cached in ``cache_dir/<kind>-<key>.pt``.
 
     The key is a fingerprint of ``cache_tag`` (what identifies the weights), ``kind`` (which
@@ -115,8 +121,6 @@ def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     process extracts its share of the images and process 0 gets them all, reads and writes the
     cache; the other processes get ``None``.
     """
-    from dinokit.train.distributed import any_process, gather_features
-
     images = image_list(images)
     mean = tuple(float(m) for m in (mean if mean is not None else IMAGENET_MEAN))
     std = tuple(float(s) for s in (std if std is not None else IMAGENET_STD))
@@ -135,6 +139,31 @@ def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     if features is not None and cache is not None:
         features.save(cache)
     return None if features is None else _report_unreadable(features, len(images))
+
+
+def gather_features(extract: Callable[[ImageList], Features], images: ImageList, env: DistEnv) -> Features | None:
+    """``extract(images)`` with the images shared out over the processes (process ``r`` takes
+    images ``r, r + W, ...``). Process 0 gets the ``Features`` of all images, rows in the order of
+    ``images.paths`` (minus unreadable files); the other processes get ``None``."""
+    if not env.distributed:
+        return extract(images)
+    mine = images.subset(list(range(env.rank, len(images), env.world_size)))
+    try:
+        part = extract(mine) if len(mine) else None
+    except ValueError:  # none of this process's images could be read
+        part = None
+    parts: list[Features | None] | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(part, parts, dst=0)
+    if not env.is_main:
+        return None
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise ValueError(f"none of the {len(images)} images could be read")
+    position = {str(p): i for i, p in enumerate(images.paths)}
+    paths = [path for p in parts for path in p.paths]
+    order = sorted(range(len(paths)), key=lambda j: position[paths[j]])
+    return Features(torch.cat([p.features for p in parts])[order], torch.cat([p.labels for p in parts])[order],
+                    [paths[j] for j in order], [f for p in parts for f in p.failed])
 
 
 def _report_unreadable(features: Features, images: int) -> Features:

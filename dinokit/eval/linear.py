@@ -12,7 +12,6 @@ Test images always go through the evaluation transform; their features are compu
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from dinokit.data.folders import ImageList, image_list
 from dinokit.data.transforms import BICUBIC, NormalizeImages, crop_source_side
 from dinokit.eval.features import Features, cached_features, check_label_sets, relabel
 from dinokit.models.backbones import is_vit
+from dinokit.train.devices import autocast_for
 
 
 class ProbeFeatures(nn.Module):
@@ -209,7 +209,7 @@ def linear_probe(backbone: nn.Module, train_images: ImageList | str | Path, test
     if augment:
         dataset = ImageDataset(train_images, probe_train_transform(crop_size, mean, std), seed=seed,
                                min_side=crop_source_side(crop_size, PROBE_CROP_SCALE, PROBE_CROP_RATIO))
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        autocast = autocast_for(device)
         sampler = ProbeBatches(len(dataset), batch_size, epochs, seed)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_views,
                             pin_memory=device.type == "cuda", worker_init_fn=StopSignalsToMain())

@@ -50,9 +50,10 @@ from dinokit.data.folders import DataError, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.data.device_views import view_pipeline
 from dinokit.data.prefetch import ReadyBatch, views_on_device
-from dinokit.train.distributed import cpu_has_amx, resolve_device
+from dinokit.method.schedules import StepHyperparameters
+from dinokit.train.devices import autocast_dtype, autocast_for, cpu_has_amx, resolve_device, usable_cores
 from dinokit.train.host_memory import use_memory_policy
-from dinokit.train.loop import _autocast, _num_workers, build_state, loader_worker_init, train_step
+from dinokit.train.loop import build_state, loader_worker_init, train_step, training_loader_workers
 
 BF16_HINT_SPEEDUP = 1.3  # the bf16 / fp32 matmul rate above which the report suggests bf16 on a CPU
 VIEWS_HINT_SHARE = 0.03  # the share of a GPU step the views take above which the report suggests overlap_views
@@ -152,10 +153,6 @@ def native_bf16() -> bool:
     another question, measured by ``run_bench`` (``bf16_matmul_speedup``): without AMX, bf16
     matmuls ran at half the fp32 rate on a 2-core Xeon VM."""
     return cpu_has_amx() or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def describe_machine(device: torch.device) -> dict:
@@ -258,7 +255,7 @@ def view_shapes(cfg: TrainConfig) -> list[tuple[int, int]]:
 
 def describe_workload(cfg: TrainConfig, data: str, device: torch.device, workers: int) -> dict:
     views = " + ".join(f"{n}x{s}px" for n, s in view_shapes(cfg))
-    precision = "bf16" if _autocast_dtype(cfg, device) == torch.bfloat16 else "fp32"
+    precision = "bf16" if autocast_dtype(device, cfg.precision) == torch.bfloat16 else "fp32"
     return {"arch": cfg.arch, "patch_size": cfg.patch_size, "batch_size": cfg.batch_size, "views": views,
             "out_dim": cfg.out_dim, "head_hidden_dim": cfg.head_hidden_dim, "precision": precision,
             "compile": cfg.compile, "grad_checkpointing": cfg.grad_checkpointing,
@@ -272,11 +269,6 @@ def describe_pipeline(cfg: TrainConfig, workers: int) -> dict:
     views = " + ".join(f"{n}x{s}px" for n, s in view_shapes(cfg))
     return {"batch_size": cfg.batch_size, "views": views, "views_on": cfg.views_on,
             "data": str(resolve_data(cfg.data)), "workers": workers}
-
-
-def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    autocast = _autocast(cfg, device)
-    return autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
 
 
 def synthetic_views(cfg: TrainConfig, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
@@ -359,12 +351,6 @@ def _batches(cfg: TrainConfig, data: str, workers: int, device: torch.device,
     return views_on_device(pipeline_loader(cfg, workers, device, transform), finish, device, cfg.overlap_views)
 
 
-def _step_hyperparameters(cfg: TrainConfig) -> dict[str, float]:
-    """The schedules' values in the middle of a run: the last layer trained, peak lr."""
-    return {"lr": cfg.lr * cfg.batch_size / 256, "weight_decay": cfg.weight_decay,
-            "momentum": cfg.momentum_teacher, "teacher_temp": cfg.teacher_temp, "freeze_last_layer": 0.0}
-
-
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
 
@@ -409,7 +395,7 @@ def _counted_step(state, views: list[torch.Tensor], cfg: TrainConfig, autocast) 
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
     })
     with counter:
-        train_step(state, views, _step_hyperparameters(cfg), cfg, state.student, autocast)
+        train_step(state, views, StepHyperparameters.mid_run(cfg), cfg, state.student, autocast)
     return float(counter.get_total_flops())
 
 
@@ -427,14 +413,14 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
     if device.type == "cuda":
         torch.cuda.set_device(device)
     load_before = load_average()
-    workers = 0 if data == "synthetic" else _num_workers(cfg, device)
+    workers = 0 if data == "synthetic" else training_loader_workers(cfg, device)
     timer = PhaseTimer(device)
     batches = _batches(cfg, data, workers, device, timer)  # first: a bad data folder fails fast
     kept = use_memory_policy(cfg.keep_freed_memory, device)
     torch.manual_seed(cfg.seed)
     state = build_state(cfg, device)
-    autocast = _autocast(cfg, device)
-    hp = _step_hyperparameters(cfg)
+    autocast = autocast_for(device, cfg.precision)
+    hp = StepHyperparameters.mid_run(cfg)
 
     flops = None
     if count_flops:  # one eager step (before any compilation), counted as a warm-up step
@@ -463,7 +449,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
     phases = timer.seconds()
     memory, memory_kind = peak_memory(device)
     matmul = mfu = bf16_speedup = None
-    dtype = torch.bfloat16 if device.type == "cuda" else _autocast_dtype(cfg, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else autocast_dtype(device, cfg.precision)
     if flops:
         matmul = matmul_rate(device, dtype)
         mfu = flops * steps / elapsed / matmul

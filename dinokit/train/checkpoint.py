@@ -27,7 +27,8 @@ import torch
 
 from dinokit.files import atomic_write
 
-LATEST = "checkpoint.pth"
+LATEST = "checkpoint.pth"  # the run folder's latest checkpoint
+SHARDED = "checkpoint.dcp"  # its sharded checkpoint under strategy=fsdp, a folder (dinokit.train.fsdp)
 
 
 class CheckpointError(RuntimeError):
@@ -155,6 +156,13 @@ def _earlier_checkpoints(path: Path) -> str:
         return ""
     return (f"; {kept[-1].name} beside it holds an earlier state of the run: copy it to {path} to resume from "
             "there")
+
+
+def resume_hint(out: str | Path) -> str:
+    """What running the same command again does for the run folder ``out``, for a stop's message."""
+    if any((Path(out) / name).exists() for name in (LATEST, SHARDED)):
+        return f"The last checkpoint in {out} is intact; run the same command again to resume"
+    return f"No checkpoint was written in {out} yet; the same command starts the run again"
 
 
 def nonfinite_keys(obj: Any, prefix: str = "") -> list[str]:

@@ -1,4 +1,4 @@
-"""Where the run executes: device choice, the process group under a launcher, and collectives.
+"""The processes of a run: the process group under a launcher, collectives, and what they must agree on.
 
 With no launcher variables a single process runs with no process group. Under ``torchrun``
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or SLURM's ``srun`` (``SLURM_PROCID``,
@@ -19,16 +19,14 @@ import os
 import re
 import socket
 import time
-from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from dinokit.config import ConfigError
 from dinokit.data.folders import ImageList
-from dinokit.eval.features import Features
+from dinokit.train.checkpoint import resume_hint
 
 RENDEZVOUS_TIMEOUT_ENV = "DINOKIT_RENDEZVOUS_TIMEOUT"  # seconds the processes wait for each other at start
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)   # a collective that takes longer means a peer is gone
@@ -85,62 +83,12 @@ def processes_on_this_node() -> int:
     return 1
 
 
-#: The most data-loader processes a training or evaluation process on a GPU starts by default.
-MAX_GPU_LOADER_WORKERS = 32
-
-
-def cores_of_this_process() -> int:
-    """This process's share of the node's cores: the cores it may run on over the launcher's
-    processes on this node (``processes_on_this_node``), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // processes_on_this_node())
-
-
-def gpu_loader_workers() -> int:
-    """Default data-loader processes of a process that computes on a GPU: every core of its share
-    but one (left to the process itself and its pin-memory thread), at least 1, at most
-    ``MAX_GPU_LOADER_WORKERS``. Making the paper's views takes a core per ~40 images/s (500 x 375
-    JPEGs, 2-core Xeon VM), well below what one GPU trains on, so the loader gets all it can."""
-    return min(MAX_GPU_LOADER_WORKERS, max(1, cores_of_this_process() - 1))
-
-
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``gpu[03-05,9],cpu1`` -> ``gpu03``."""
     match = re.match(r"([^,\[]+)(?:\[([^,\]-]+))?", nodelist.strip())
     if not match:
         raise DistributedError(f"cannot read the SLURM node list {nodelist!r}; set MASTER_ADDR to the first node")
     return match.group(1) + (match.group(2) or "")
-
-
-def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA (this process's local GPU), then Apple's MPS, then the CPU; a device that
-    is not here, or not one of these, is a ``ConfigError``."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {spec!r}: expected auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} asked for, but no CUDA GPU is available (use --device cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {spec!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"device {spec!r} asked for, but Apple's MPS is not available here (use --device cpu)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return device
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (recent Xeons): bf16 matmuls several times as fast as fp32."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def init_distributed(device: torch.device) -> DistEnv:
@@ -217,16 +165,6 @@ def lost_peer_error(err: BaseException, env: DistEnv, out: str) -> DistributedEr
     return DistributedError(
         f"{env}: lost contact with the other processes ({_first_line(err)}). Another process stopped or hung: "
         f"its own message above (or the launcher's summary) says why. {resume_hint(out)}")
-
-
-def resume_hint(out: str | Path) -> str:
-    """What running the same command again does for the run folder ``out``, for a stop's message."""
-    from dinokit.train.checkpoint import LATEST
-    from dinokit.train.fsdp import SHARDED
-
-    if any((Path(out) / name).exists() for name in (LATEST, SHARDED)):
-        return f"The last checkpoint in {out} is intact; run the same command again to resume"
-    return f"No checkpoint was written in {out} yet; the same command starts the run again"
 
 
 def _first_line(err: BaseException) -> str:
@@ -342,28 +280,3 @@ def describe_disagreement(facts: list[dict[str, Any]]) -> str | None:
             elif theirs[key] != ours:
                 return f"{key} is {ours!r} on process 0 but {theirs[key]!r} on process {rank}"
     return None
-
-
-def gather_features(extract: Callable[[ImageList], Features], images: ImageList, env: DistEnv) -> Features | None:
-    """``extract(images)`` with the images shared out over the processes (process ``r`` takes
-    images ``r, r + W, ...``). Process 0 gets the ``Features`` of all images, rows in the order of
-    ``images.paths`` (minus unreadable files); the other processes get ``None``."""
-    if not env.distributed:
-        return extract(images)
-    mine = images.subset(list(range(env.rank, len(images), env.world_size)))
-    try:
-        part = extract(mine) if len(mine) else None
-    except ValueError:  # none of this process's images could be read
-        part = None
-    parts: list[Features | None] | None = [None] * env.world_size if env.is_main else None
-    dist.gather_object(part, parts, dst=0)
-    if not env.is_main:
-        return None
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        raise ValueError(f"none of the {len(images)} images could be read")
-    position = {str(p): i for i, p in enumerate(images.paths)}
-    paths = [path for p in parts for path in p.paths]
-    order = sorted(range(len(paths)), key=lambda j: position[paths[j]])
-    return Features(torch.cat([p.features for p in parts])[order], torch.cat([p.labels for p in parts])[order],
-                    [paths[j] for j in order], [f for p in parts for f in p.failed])

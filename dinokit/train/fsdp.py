@@ -41,7 +41,6 @@ from dinokit.train.checkpoint import link_or_copy
 if TYPE_CHECKING:
     from dinokit.train.loop import DINOState
 
-SHARDED = "checkpoint.dcp"
 RECORD_KEYS = ("args", "images")  # the plain values saved beside the tensors (save_sharded)
 
 

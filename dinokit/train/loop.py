@@ -32,17 +32,17 @@ from dinokit.data.sampler import TrainingSampler
 from dinokit.data.device_views import view_pipeline
 from dinokit.data.prefetch import views_on_device
 from dinokit.method.loss import DINOLoss
-from dinokit.method.schedules import Schedules
+from dinokit.method.schedules import Schedules, StepHyperparameters
 from dinokit.method.teacher import make_teacher, update_teacher
 from dinokit.models.backbones import build_backbone, enable_grad_checkpointing
 from dinokit.models.head import DINOHead
 from dinokit.models.multicrop import MultiCropModel
-from dinokit.train.checkpoint import LATEST, keep_checkpoint, load_checkpoint, save_checkpoint
-from dinokit.train.distributed import (DistEnv, any_process, check_agreement, cores_of_this_process, cpu_has_amx,
-                                       fingerprint, gpu_loader_workers, init_distributed, leaders_first,
-                                       sum_over_processes, lost_peer, lost_peer_error, mean_over_processes,
-                                       resolve_device, resume_hint, shutdown_distributed, sync_batch_norm)
-from dinokit.train.fsdp import (SHARDED, full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
+from dinokit.train.checkpoint import LATEST, SHARDED, keep_checkpoint, load_checkpoint, resume_hint, save_checkpoint
+from dinokit.train.devices import autocast_for, cpu_has_amx, default_loader_workers, resolve_device
+from dinokit.train.distributed import (DistEnv, any_process, check_agreement, fingerprint, init_distributed,
+                                       leaders_first, sum_over_processes, lost_peer, lost_peer_error,
+                                       mean_over_processes, shutdown_distributed, sync_batch_norm)
+from dinokit.train.fsdp import (full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
                                 read_sharded_record, require_tested_torch, save_sharded, shard)
 from dinokit.train.host_memory import KeepFreedMemoryInWorkers, use_memory_policy
 from dinokit.train.knn_monitor import KnnMonitor
@@ -132,7 +132,7 @@ def build_state(cfg: TrainConfig, device: torch.device) -> DINOState:
                      build_optimizer(student, device))
 
 
-def train_step(state: DINOState, views: list[torch.Tensor], hp: dict[str, float], cfg: TrainConfig,
+def train_step(state: DINOState, views: list[torch.Tensor], hp: StepHyperparameters, cfg: TrainConfig,
                student: nn.Module, autocast, timer=None) -> dict[str, torch.Tensor]:
     """One DINO step on a batch of views (``views[:2]`` global). Returns the step's metrics as
     0-d tensors, among them ``finite``: 0 when the loss or a gradient was not finite, and then
@@ -146,14 +146,14 @@ def train_step(state: DINOState, views: list[torch.Tensor], hp: dict[str, float]
     context manager that times each phase of the step (``dinokit bench``).
     """
     phase = timer or (lambda name: contextlib.nullcontext())
-    set_hyperparameters(state.optimizer, hp["lr"], hp["weight_decay"])
+    set_hyperparameters(state.optimizer, hp.lr, hp.weight_decay)
     with autocast:
         with phase("teacher_forward"), torch.no_grad():
             teacher_logits = state.teacher(views[:2])
         with phase("student_forward"):
             student_logits = student(views)
     with phase("loss"):
-        loss, stats = state.loss(student_logits, teacher_logits, hp["teacher_temp"])
+        loss, stats = state.loss(student_logits, teacher_logits, hp.teacher_temp)
 
     with phase("backward"):
         state.optimizer.zero_grad(set_to_none=True)
@@ -162,12 +162,12 @@ def train_step(state: DINOState, views: list[torch.Tensor], hp: dict[str, float]
         params = [p for p in state.student.parameters() if p.requires_grad]
         grad_norms = clip_gradients(params, cfg.clip_grad)
         finite = (torch.isfinite(loss) & torch.isfinite(grad_norms).all()).float()
-        if hp["freeze_last_layer"]:
+        if hp.freeze_last_layer:
             for p in state.student.head.last_layer.parameters():
                 p.grad = None
         stepped = step_if_finite(state.optimizer, finite)
     with phase("ema"):
-        update_teacher(state.teacher, state.student, hp["momentum"], apply=stepped)
+        update_teacher(state.teacher, state.student, hp.momentum, apply=stepped)
     with phase("centre"):
         state.loss.update_center(teacher_logits, apply=stepped)
     return {"loss": loss.detach(), **stats, "finite": finite}
@@ -301,13 +301,13 @@ def _why_no_knn(cfg: TrainConfig, images: ImageList) -> str | None:
     return "val_fraction=0" if cfg.val_fraction == 0 else None
 
 
-def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
+def training_loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     """Loader processes of this training process: ``cfg.num_workers``, or from its share of the
-    node's cores: ``gpu_loader_workers()`` on a GPU; half of them on a CPU, where the step needs
-    the others."""
+    node's cores (``default_loader_workers``): all but one on a GPU; half of them on a CPU, where
+    the step needs the others."""
     if cfg.num_workers is not None:
         return cfg.num_workers
-    return gpu_loader_workers() if device.type == "cuda" else max(1, cores_of_this_process() // 2)
+    return default_loader_workers(device, on_cpu="half")
 
 
 def loader_worker_init(cfg: TrainConfig):
@@ -323,13 +323,6 @@ def _data_bound_hint(cfg: TrainConfig, device: torch.device, workers: int) -> st
         tries.append("views_on=device (crops and colours on the GPU, the workers only decode: several times the "
                      "images/s per core)")
     return f"try {' or '.join(tries)}; `dinokit bench --data-only` measures the pipeline"
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 #: Images in a row (and at least two whole steps), every one unreadable, that stop a run before the
@@ -454,7 +447,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                               env.world_size, start_step=state.step)
     transform, finish_views = view_pipeline(cfg)  # on the host, or decode there and crop on the device
     dataset = ImageDataset(train_images, transform, seed=cfg.seed, min_side=transform.min_source_side)
-    workers = _num_workers(cfg, device)
+    workers = training_loader_workers(cfg, device)
     loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
                         collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=False,
                         worker_init_fn=loader_worker_init(cfg), prefetch_factor=prefetch_factor(workers))
@@ -462,7 +455,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     if env.distributed and not is_sharded(state.student):
         student = nn.parallel.DistributedDataParallel(state.student, device_ids=[device.index] if device.type == "cuda" else None)
     state.compile(cfg.compile)
-    autocast = _autocast(cfg, device)
+    autocast = autocast_for(device, cfg.precision)
 
     monitor = Monitor(out, schedules.total_steps, state.step, cfg.batch_size, enabled=env.is_main,
                       data_bound_hint=_data_bound_hint(cfg, device, workers))
@@ -527,7 +520,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
             if not empty:  # all processes step, or none (DDP would hang)
                 metrics = train_step(state, views, hp, cfg, student, autocast)
                 skipped.record(step, metrics["finite"])
-                monitor.step(step, epoch, {**mean_over_processes(metrics), **hp}, data_wait)
+                monitor.step(step, epoch, {**mean_over_processes(metrics), **hp.as_dict()}, data_wait)
             state.step += 1
             if state.step % cfg.log_every == 0:
                 skipped.check()

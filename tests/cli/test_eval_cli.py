@@ -106,7 +106,7 @@ def test_linear_defaults_to_augmented_views_on_a_gpu_and_cached_features_on_a_cp
     import inspect
 
     from dinokit.eval import linear
-    from dinokit.train import distributed
+    from dinokit.train import devices
 
     asked, signature = [], inspect.signature(linear.linear_probe)
 
@@ -114,7 +114,7 @@ def test_linear_defaults_to_augmented_views_on_a_gpu_and_cached_features_on_a_cp
         asked.append(signature.bind(*args, **kwargs).arguments["augment"])
         return linear.ProbeResult(50.0, 1, 50.0, 90.0, 768, asked[-1])
 
-    monkeypatch.setattr(distributed, "resolve_device", lambda spec, local_rank=0: torch.device(device))
+    monkeypatch.setattr(devices, "resolve_device", lambda spec, local_rank=0: torch.device(device))
     monkeypatch.setattr(linear, "linear_probe", probe)
     result = invoke("linear", "--checkpoint", run_dir, "--train-data", textures_dir, "--val-fraction", 0.25,
                     "--epochs", 1, "--device", device, "--no-cache", *([flag] if flag else []))
@@ -221,3 +221,13 @@ def test_plot_embeddings_says_what_it_wrote_and_refuses_nan(tmp_path):
     result = invoke("plot-embeddings", tmp_path / "nan.npz", "--out", tmp_path / "p.png", "--method", "pca")
     assert result.exit_code == 2 and "1 of the 10 rows hold NaN" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_num_workers_wins_over_the_default():
+    """The default itself, per device: tests/train/test_devices.py."""
+    from dinokit.cli.eval import _workers
+    from dinokit.train.devices import default_loader_workers
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _workers(2, gpu) == 2 and _workers(2, cpu) == 2
+    assert _workers(None, cpu) == 0 and _workers(None, gpu) == default_loader_workers(gpu, on_cpu="none")

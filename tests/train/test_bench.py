@@ -9,6 +9,7 @@ import torch
 
 from dinokit.config import ConfigError, TrainConfig
 from dinokit.data.folders import DataError
+from dinokit.method.schedules import StepHyperparameters
 from dinokit.train import bench
 from dinokit.train.loop import build_state, train_step
 
@@ -32,7 +33,7 @@ class RecordingTimer:
 def test_train_step_reports_its_phases_in_order_and_the_timer_changes_nothing():
     cfg = _cfg()
     views = bench.synthetic_views(cfg, torch.device("cpu"))
-    hp = bench._step_hyperparameters(cfg)
+    hp = StepHyperparameters.mid_run(cfg)
     states = []
     timer = RecordingTimer()
     for t in (None, timer):

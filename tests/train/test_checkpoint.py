@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dinokit.train import checkpoint as ckpt_mod
-from dinokit.train.checkpoint import LATEST, CheckpointError, keep_checkpoint, load_checkpoint, save_checkpoint
+from dinokit.train.checkpoint import (LATEST, SHARDED, CheckpointError, keep_checkpoint, load_checkpoint, resume_hint,
+                                     save_checkpoint)
 
 
 def test_round_trip_with_weights_only(tmp_path):
@@ -154,3 +155,12 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(CheckpointError, match="non-finite values in teacher.w"):
         save_checkpoint({"teacher": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "c.pth")
     assert torch.equal(load_checkpoint(tmp_path / "c.pth")["teacher"]["w"], torch.ones(2))
+
+
+def test_the_resume_hint_says_whether_a_checkpoint_was_written(tmp_path):
+    assert "No checkpoint was written" in resume_hint(tmp_path)
+    (tmp_path / SHARDED).mkdir()  # strategy=fsdp
+    assert f"The last checkpoint in {tmp_path} is intact" in resume_hint(tmp_path)
+    (tmp_path / SHARDED).rmdir()
+    (tmp_path / LATEST).write_bytes(b"")
+    assert f"The last checkpoint in {tmp_path} is intact" in resume_hint(tmp_path)

@@ -26,8 +26,8 @@ import yaml
 from dinokit.config import ConfigError, TrainConfig
 from dinokit.data.builtin import builtin_textures
 from dinokit.data.sampler import TrainingSampler
-from dinokit.train.distributed import (MAX_GPU_LOADER_WORKERS, DistEnv, describe_disagreement, first_host, launcher_env,
-                                       lost_peer_error, processes_on_this_node, resolve_device)
+from dinokit.train.distributed import (DistEnv, describe_disagreement, first_host, launcher_env, lost_peer_error,
+                                       processes_on_this_node)
 from dinokit.train.fsdp import FSDP_MIN_TORCH, require_tested_torch
 from dinokit.train.loop import train
 from tests.conftest import tiny_config
@@ -191,33 +191,21 @@ def test_launcher_environment(monkeypatch):
     assert launcher_env() == DistEnv(3, 4, 3)
 
 
-def test_processes_on_this_node_and_the_loader_workers_each_gets(monkeypatch):
-    """torchrun's LOCAL_WORLD_SIZE, or this node's entry of srun's tasks per node; the default
-    loader workers of a process are counted from its share of the node's cores."""
-    from dinokit.cli.eval import _workers
-    from dinokit.train.loop import _num_workers
-
+def test_processes_on_this_node(monkeypatch):
+    """torchrun's LOCAL_WORLD_SIZE, or this node's entry of srun's tasks per node (the loader
+    workers each gets: tests/train/test_devices.py)."""
     for var in (*LAUNCHER_VARS, "LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
-    cfg, gpu, cpu = TrainConfig.build({}), torch.device("cuda"), torch.device("cpu")
-    assert processes_on_this_node() == 1 and (_num_workers(cfg, gpu), _num_workers(cfg, cpu)) == (31, 16)
+    assert processes_on_this_node() == 1
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "10")
     monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "4(x2),2")
     monkeypatch.setenv("SLURM_NODEID", "2")
     assert processes_on_this_node() == 2
     monkeypatch.setenv("SLURM_NODEID", "1")
-    assert processes_on_this_node() == 4 and (_num_workers(cfg, gpu), _num_workers(cfg, cpu)) == (7, 4)
+    assert processes_on_this_node() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's variables win
-    assert processes_on_this_node() == 8 and (_num_workers(cfg, gpu), _num_workers(cfg, cpu)) == (3, 2)
-    assert _num_workers(TrainConfig.build({"num_workers": 3}), gpu) == 3
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # one core each: one worker still, on a GPU
-    assert (_num_workers(cfg, gpu), _num_workers(cfg, cpu)) == (1, 1)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
-    assert _num_workers(cfg, gpu) == MAX_GPU_LOADER_WORKERS and _workers(None, gpu) == MAX_GPU_LOADER_WORKERS
-    assert _workers(None, cpu) == 0 and _workers(2, gpu) == 2  # evaluation: the same on a GPU, in-process on a CPU
+    assert processes_on_this_node() == 8
 
 
 @pytest.mark.parametrize("nodes, first", [("gpu[03-05,9],cpu1", "gpu03"), ("node7", "node7"), ("a1,b2", "a1"),
@@ -500,17 +488,6 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_line(textures_dir
     assert result.output.endswith("Error: batch_size 10 (the global batch) does not split evenly over 4 processes; "
                                   "use a multiple of 4\n"), result.output
     assert not (tmp_path / "run").exists()  # refused before anything was written
-
-
-@pytest.mark.parametrize("spec, message", [
-    ("gpu", "expected auto, cpu, cuda, cuda:N or mps"),
-    ("xla", "expected auto, cpu, cuda, cuda:N or mps"),
-    pytest.param("cuda", "no CUDA GPU is available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
-])
-def test_a_device_that_is_not_here_is_a_config_error(spec, message):
-    with pytest.raises(ConfigError, match=message):
-        resolve_device(spec)
-    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_lost_contact_says_whether_there_is_a_checkpoint_to_resume_from(tmp_path):

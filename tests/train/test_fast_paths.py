@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinokit.config import TrainConfig
+from dinokit.method.schedules import StepHyperparameters
 from dinokit.models.head import DINOHead
 from dinokit.models.multicrop import MultiCropModel
 from dinokit.models.vit import VisionTransformer
-from dinokit.train.loop import _autocast, build_state
+from dinokit.train.devices import autocast_for
+from dinokit.train.loop import build_state
 from dinokit.train.optim import build_optimizer, param_groups, set_hyperparameters
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -35,7 +37,7 @@ def _loss_and_grads(precision: str, device: torch.device, **changes):
     cfg = _tiny_cfg(precision=precision, device=str(device), **changes)
     state = build_state(cfg, device)
     views = _views(cfg, device)
-    with _autocast(cfg, device):
+    with autocast_for(device, cfg.precision):
         teacher_logits = state.teacher(views[:2])
         student_logits = state.student(views)
     loss, _ = state.loss(student_logits, teacher_logits, 0.04)
@@ -85,13 +87,6 @@ def test_grad_checkpointing_needs_a_backbone_that_can_recompute():
 @cuda
 def test_bf16_autocast_gives_the_fp32_loss_on_cuda():
     _check_bf16_matches_fp32(torch.device("cuda"))
-
-
-@pytest.mark.filterwarnings("ignore:CUDA is not available")
-def test_auto_precision_is_bf16_on_cuda_only():
-    assert isinstance(_autocast(_tiny_cfg(), torch.device("cuda")), torch.autocast)
-    assert not isinstance(_autocast(_tiny_cfg(), torch.device("cpu")), torch.autocast)
-    assert _autocast(_tiny_cfg(precision="bf16"), torch.device("cpu")).fast_dtype == torch.bfloat16
 
 
 def _reference_adamw(model: nn.Module) -> torch.optim.AdamW:
@@ -222,7 +217,6 @@ def test_a_training_step_reads_no_value_on_the_device():
     raises there. Forward, loss, backward, clipping, the optimizer's decision to step (given to a
     fused optimizer as ``found_inf``), EMA and centre get through; the fused kernel itself has no
     ``meta`` version and is left out. Runs everywhere; on a GPU the next test checks the same."""
-    from dinokit.train.bench import _step_hyperparameters
     from dinokit.train.loop import train_step
 
     device = torch.device("meta")
@@ -231,26 +225,25 @@ def test_a_training_step_reads_no_value_on_the_device():
     for group in state.optimizer.param_groups:
         group["fused"] = True  # as on a GPU
     state.optimizer.step = lambda: None
-    metrics = train_step(state, _views(cfg, device), _step_hyperparameters(cfg), cfg, state.student,
-                         _autocast(cfg, device))
+    metrics = train_step(state, _views(cfg, device), StepHyperparameters.mid_run(cfg), cfg, state.student,
+                         autocast_for(device, cfg.precision))
     assert metrics["finite"].device.type == "meta" and state.optimizer.found_inf.device.type == "meta"
 
 
 @cuda
 def test_a_training_step_never_waits_for_the_gpu():
-    from dinokit.train.bench import _step_hyperparameters
     from dinokit.train.loop import train_step
 
     device = torch.device("cuda")
     cfg = _tiny_cfg(device="cuda")
     state = build_state(cfg, device)
-    views, hp = _views(cfg, device), _step_hyperparameters(cfg)
-    train_step(state, views, hp, cfg, state.student, _autocast(cfg, device))  # first step: lazy state
+    views, hp, autocast = _views(cfg, device), StepHyperparameters.mid_run(cfg), autocast_for(device, cfg.precision)
+    train_step(state, views, hp, cfg, state.student, autocast)  # first step: lazy state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
     try:
-        metrics = train_step(state, views, hp, cfg, state.student, _autocast(cfg, device))
-        skipped = train_step(state, [v * float("inf") for v in views], hp, cfg, state.student, _autocast(cfg, device))
+        metrics = train_step(state, views, hp, cfg, state.student, autocast)
+        skipped = train_step(state, [v * float("inf") for v in views], hp, cfg, state.student, autocast)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert metrics["finite"].item() == 1 and skipped["finite"].item() == 0

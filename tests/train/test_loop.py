@@ -237,3 +237,14 @@ def test_loose_images_beside_class_folders_are_named_as_why_there_is_no_k_nn(tex
     images = scan_folder(textures_dir)
     loose = ImageList(images.root, images.paths)  # as scan_folder makes it when an image lies at the top
     assert "no labels: images lie directly in the folder" in loop._why_no_knn(TrainConfig(), loose)
+
+
+def test_num_workers_in_the_config_wins_over_the_default():
+    """The default itself, per device: tests/train/test_devices.py."""
+    from dinokit.train.devices import default_loader_workers
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert loop.training_loader_workers(TrainConfig.build({"num_workers": 3}), gpu) == 3
+    assert loop.training_loader_workers(TrainConfig.build({"num_workers": 0}), cpu) == 0
+    for device in (gpu, cpu):
+        assert loop.training_loader_workers(TrainConfig(), device) == default_loader_workers(device, on_cpu="half")
