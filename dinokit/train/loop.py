@@ -106,9 +106,17 @@ class DINOState:
         self.loss.compile()
 
     def load_state_dict(self, ckpt: dict) -> None:
+        """Everything ``state_dict`` saved. The optimizer keeps the kernels chosen for this machine
+        (fused or multi-tensor: a checkpoint of a CPU run resumed on a GPU, or the reverse), not
+        those of the machine that saved it, which ``Optimizer.load_state_dict`` would restore."""
         self.student.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["student"].items()})
         self.teacher.load_state_dict(ckpt["teacher"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        saved = ckpt["optimizer"]
+        kernels = [{key: group.get(key) for key in ("fused", "foreach")} for group in self.optimizer.param_groups]
+        groups = [{**group, **chosen} for group, chosen in zip(saved["param_groups"], kernels)]
+        if len(groups) != len(saved["param_groups"]):  # let the optimizer say that the groups differ
+            groups = saved["param_groups"]
+        self.optimizer.load_state_dict({**saved, "param_groups": groups})
         self.loss.load_state_dict(ckpt["dino_loss"])
         self.step = int(ckpt["step"])
 

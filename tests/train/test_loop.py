@@ -239,6 +239,33 @@ def test_loose_images_beside_class_folders_are_named_as_why_there_is_no_k_nn(tex
     assert "no labels: images lie directly in the folder" in loop._why_no_knn(TrainConfig(), loose)
 
 
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_a_resumed_optimizer_keeps_the_kernels_chosen_for_this_machine(tmp_path, saved_fused):
+    """A checkpoint of a machine without fused AdamW (an older PyTorch on a CPU) resumed on one
+    with it stayed unfused, with a host sync per step on a GPU; the reverse would fail to step."""
+    from dinokit.train.optim import fused_adamw_available
+
+    if not fused_adamw_available("cpu"):
+        pytest.skip("this PyTorch has no fused AdamW on the CPU")
+    cfg = tiny_config(tmp_path, tmp_path / "run")
+    device = torch.device("cpu")
+    saving = loop.build_state(cfg, device)
+    for group in saving.optimizer.param_groups:
+        group["fused"], group["foreach"] = (True, None) if saved_fused else (False, True)
+    for p in saving.student.parameters():
+        p.grad = torch.randn_like(p)
+    saving.optimizer.step()
+    resuming = loop.build_state(cfg, device)
+    for group in resuming.optimizer.param_groups:  # this machine's choice: the other one
+        group["fused"], group["foreach"] = (False, True) if saved_fused else (True, None)
+    resuming.load_state_dict(saving.state_dict(cfg, 1, {}))
+    assert all(g["fused"] is not saved_fused for g in resuming.optimizer.param_groups)
+    for p in resuming.student.parameters():
+        p.grad = torch.ones_like(p)
+    resuming.optimizer.step()  # the loaded step counters suit this machine's kernels
+    assert all(torch.isfinite(p).all() for p in resuming.student.parameters())
+
+
 def test_num_workers_in_the_config_wins_over_the_default():
     """The default itself, per device: tests/train/test_devices.py."""
     from dinokit.train.devices import default_loader_workers
