@@ -14,6 +14,7 @@ gives the same pixels of a plain JPEG as a ``3 x H x W`` uint8 tensor, without P
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import sys
@@ -66,6 +67,16 @@ class ImageList:
     def subset(self, indices: list[int] | np.ndarray) -> "ImageList":
         labels = None if self.labels is None else [self.labels[i] for i in indices]
         return ImageList(self.root, [self.paths[i] for i in indices], labels, list(self.classes))
+
+    def fingerprint(self) -> str:
+        """A short hash of the images, their paths relative to ``root`` (the same wherever the
+        folder is mounted) and labels: a resume checks that its data is the run's."""
+        h = hashlib.sha256()
+        for i, path in enumerate(self.paths):
+            label = self.labels[i] if self.labels is not None else -1
+            relative = path.relative_to(self.root) if path.is_relative_to(self.root) else path
+            h.update(f"{relative}:{label}\n".encode("utf-8", "surrogateescape"))  # names that are not UTF-8 too
+        return f"{len(self)} images, {h.hexdigest()[:12]}"
 
     def require_labels(self, what: str) -> None:
         if not self.labelled:

@@ -54,7 +54,7 @@ class Features:
         return cls(d["features"], d["labels"], list(d["paths"]), list(d["failed"]))
 
 
-def fingerprint(*parts) -> str:
+def cache_key(*parts) -> str:
     """A short stable hash of the things a cached result depends on."""
     h = hashlib.sha256()
     for part in parts:
@@ -126,7 +126,7 @@ def cached_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor]
     std = tuple(float(s) for s in (std if std is not None else IMAGENET_STD))
     cache = None
     if cache_dir is not None and cache_tag is not None:
-        key = fingerprint(cache_tag, kind, crop_size, mean, std, [_file_version(p) for p in images.paths])
+        key = cache_key(cache_tag, kind, crop_size, mean, std, [_file_version(p) for p in images.paths])
         cache = Path(cache_dir) / f"{kind}-{key}.pt"
     if env is None or not env.distributed:
         return _report_unreadable(extract_features(backbone, images, crop_size, mean, std, cache=cache, **kwargs),
@@ -210,7 +210,7 @@ def file_fingerprint(path: str | Path) -> str:
     """A fingerprint of a file's identity and version: resolved path, size and modification time."""
     path = Path(path).resolve()
     stat = path.stat()
-    return fingerprint(str(path), stat.st_size, stat.st_mtime_ns)
+    return cache_key(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @dataclass
@@ -270,11 +270,11 @@ def open_source(spec: str | Path, which: str = "teacher", arch: str | None = Non
     """
     spec = str(spec)
     if spec == "pixels":
-        return FeatureSource(nn.Flatten(), spec, fingerprint("pixels"), home=Path("runs") / "baseline-pixels")
+        return FeatureSource(nn.Flatten(), spec, cache_key("pixels"), home=Path("runs") / "baseline-pixels")
     if spec.startswith("random:"):
         loaded = open_untrained(spec, seed, patch_size)
         slug = f"random-{loaded.arch.replace(':', '-')}" + (f"-p{loaded.patch_size}" if loaded.patch_size else "")
-        return FeatureSource(loaded.model, spec, fingerprint("random", loaded.arch, loaded.patch_size, seed),
+        return FeatureSource(loaded.model, spec, cache_key("random", loaded.arch, loaded.patch_size, seed),
                              home=Path("runs") / f"baseline-{slug}")
 
     loaded = open_backbone(spec, arch, patch_size, which, trust, weights)
@@ -285,5 +285,5 @@ def open_source(spec: str | Path, which: str = "teacher", arch: str | None = Non
         home, prefix = path.parent, "" if path.name == LATEST else f"{path.stem}."
     else:  # an official name
         home, prefix = Path("runs") / spec, ""
-    return FeatureSource(loaded.model, spec, fingerprint(file_fingerprint(loaded.source), which, arch, patch_size),
+    return FeatureSource(loaded.model, spec, cache_key(file_fingerprint(loaded.source), which, arch, patch_size),
                          loaded.img_size, loaded.mean, loaded.std, home, prefix, which)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import os
 import re
 import socket
@@ -25,7 +24,6 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from dinokit.data.folders import ImageList
 from dinokit.train.checkpoint import resume_hint
 
 RENDEZVOUS_TIMEOUT_ENV = "DINOKIT_RENDEZVOUS_TIMEOUT"  # seconds the processes wait for each other at start
@@ -239,18 +237,6 @@ def leaders_first(env: DistEnv) -> Iterator[None]:
     finally:  # also after an error, so that the others go on and meet the same error
         for _ in range(2 - stage if env.distributed else 0):
             dist.barrier()
-
-
-def fingerprint(images: ImageList | None) -> str:
-    """A short hash of an image list: relative paths and labels, independent of where it is mounted."""
-    if images is None:
-        return "none"
-    h = hashlib.sha256()
-    for i, path in enumerate(images.paths):
-        label = images.labels[i] if images.labels is not None else -1
-        relative = path.relative_to(images.root) if path.is_relative_to(images.root) else path
-        h.update(f"{relative}:{label}\n".encode("utf-8", "surrogateescape"))  # names that are not UTF-8 too
-    return f"{len(images)} images, {h.hexdigest()[:12]}"
 
 
 def check_agreement(env: DistEnv, facts: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from dinokit.models.head import DINOHead
 from dinokit.models.multicrop import MultiCropModel
 from dinokit.train.checkpoint import LATEST, SHARDED, keep_checkpoint, load_checkpoint, resume_hint, save_checkpoint
 from dinokit.train.devices import autocast_for, cpu_has_amx, default_loader_workers, resolve_device
-from dinokit.train.distributed import (DistEnv, any_process, check_agreement, fingerprint, init_distributed,
+from dinokit.train.distributed import (DistEnv, any_process, check_agreement, init_distributed,
                                        leaders_first, sum_over_processes, lost_peer, lost_peer_error,
                                        mean_over_processes, shutdown_distributed, sync_batch_norm)
 from dinokit.train.fsdp import (full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
@@ -442,7 +442,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     if len(train_images) < cfg.batch_size:
         raise DataError(f"batch_size {cfg.batch_size} is larger than the {len(train_images)} training images; "
                         f"lower batch_size")
-    images = {"training images": fingerprint(train_images), "held-out images": fingerprint(val_images)}
+    images = {"training images": train_images.fingerprint(),
+              "held-out images": val_images.fingerprint() if val_images is not None else "none"}
     use_memory_policy(cfg.keep_freed_memory, device)
     state = build_state(cfg, device)
     ckpt_path = out / LATEST

@@ -1,11 +1,13 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dinokit.data import folders
-from dinokit.data.folders import (BadImageError, DataError, decode_plain_jpeg, load_rgb, reduction_for, scan_folder,
-                                   split_train_val)
+from dinokit.data.folders import (BadImageError, DataError, ImageList, decode_plain_jpeg, load_rgb, reduction_for,
+                                   scan_folder, split_train_val)
 
 
 def _img(path, mode="RGB", size=(8, 8)):
@@ -243,3 +245,16 @@ def torchvision_decode(data, **kw):
     from torchvision.io import decode_jpeg
 
     return decode_jpeg(data, **kw)
+
+
+def test_images_whose_names_are_not_utf8_are_fingerprinted(tmp_path):
+    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name from an old archive
+    assert ImageList(tmp_path, [odd]).fingerprint() != ImageList(tmp_path, [tmp_path / "cafe.jpg"]).fingerprint()
+
+
+def test_the_fingerprint_is_the_same_wherever_the_folder_is_mounted(tmp_path):
+    here = ImageList(tmp_path / "a", [tmp_path / "a" / "x" / "1.jpg"], [0], ["x"])
+    moved = ImageList(tmp_path / "b", [tmp_path / "b" / "x" / "1.jpg"], [0], ["x"])
+    relabelled = ImageList(tmp_path / "b", [tmp_path / "b" / "x" / "1.jpg"], [1], ["w", "x"])
+    assert here.fingerprint() == moved.fingerprint() != relabelled.fingerprint()
+    assert here.fingerprint().startswith("1 images, ")

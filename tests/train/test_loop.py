@@ -169,13 +169,6 @@ def test_a_checkpoint_that_is_not_a_training_one_is_refused_with_a_hint(textures
         train(tiny_config(textures_dir, tmp_path / "run", epochs=1))
 
 
-def test_images_whose_names_are_not_utf8_are_fingerprinted(tmp_path):
-    from dinokit.train.distributed import fingerprint
-
-    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name from an old archive
-    assert fingerprint(ImageList(tmp_path, [odd])) != fingerprint(ImageList(tmp_path, [tmp_path / "cafe.jpg"]))
-
-
 def test_resume_refuses_other_images_even_after_the_run_ended(textures_dir, tmp_path, capsys):
     """A finished run's folder given other data would otherwise report the old run as done."""
     train(tiny_config(textures_dir, tmp_path / "run", epochs=1))
