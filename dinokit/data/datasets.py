@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -27,6 +27,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed that is a pure function of (seed, epoch, index)."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+class Sample(NamedTuple):
+    """One item of ``ImageDataset``: what the transform made of the image (``None`` when it could
+    not be read), its label (-1 without labels), its index in the list, and why it could not be
+    read (else ``None``)."""
+
+    transformed: Any
+    label: int
+    index: int
+    error: str | None
 
 
 class ImageDataset(Dataset):
@@ -48,30 +59,31 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: int | tuple[int, int]):
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         epoch, index = key if isinstance(key, tuple) else (None, key)
         label = self.images.labels[index] if self.images.labels is not None else -1
         try:
             image = self.load(self.images.paths[index], self.min_side)
         except BadImageError as err:
-            return None, label, index, str(err)
+            return Sample(None, label, index, str(err))
         if epoch is None:
-            return self.transform(image), label, index, None
+            return Sample(self.transform(image), label, index, None)
         with torch.random.fork_rng(devices=[]):
             # the CPU generator alone: torch.manual_seed would also queue a seed for every accelerator
             # backend not started in this process, recording a stack trace each time (~0.6 ms an image)
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(image), label, index, None
+            return Sample(self.transform(image), label, index, None)
 
 
 @dataclass
 class Batch:
-    """A collated batch: ``views`` is one tensor per view (``B x 3 x H x W``), for views made on
-    the device the canvases and their views' parameters (``dinokit.data.device_views``), or for
-    plain (single-view) datasets a list with one tensor; ``failed`` lists the files that did not
-    load."""
+    """A collated batch of ``B`` readable images: ``tensors`` holds what the transform made of them,
+    stacked: one ``B x 3 x H x W`` tensor per view (8-bit for training, ``MultiCropAugmentation(cfg,
+    as_uint8=True)``), for views made on the device the canvases (``B x C x C x 3`` uint8) and their
+    views' parameters (``dinokit.data.device_views``), or for plain (single-view) datasets one
+    tensor; ``labels`` and ``indices`` are ``B`` int64; ``failed`` lists the files that did not load."""
 
-    views: list[torch.Tensor]
+    tensors: list[torch.Tensor]
     labels: torch.Tensor
     indices: torch.Tensor
     failed: list[str]
@@ -80,7 +92,8 @@ class Batch:
         return len(self.indices)
 
     def pin_memory(self) -> "Batch":
-        return Batch([v.pin_memory() for v in self.views], self.labels.pin_memory(), self.indices.pin_memory(), self.failed)
+        return Batch([t.pin_memory() for t in self.tensors], self.labels.pin_memory(), self.indices.pin_memory(),
+                     self.failed)
 
 
 class StopSignalsToMain:
@@ -109,21 +122,21 @@ class StopSignalsToMain:
                 os._exit(0)
 
 
-def collate_views(samples: list) -> Batch:
+def collate_views(samples: list[Sample]) -> Batch:
     """Samples of ``ImageDataset`` -> a ``Batch``, each view stacked by PyTorch's ``default_collate``
     (in a loader worker straight into the shared memory the batch is sent through)."""
-    good = [s for s in samples if s[0] is not None]
-    failed = [s[3] for s in samples if s[0] is None]
+    good = [s for s in samples if s.transformed is not None]
+    failed = [s.error for s in samples if s.transformed is None]
     if not good:
         return Batch([], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), failed)
-    first = good[0][0]
+    first = good[0].transformed
     if isinstance(first, (list, tuple)):
-        views = [default_collate([s[0][v] for s in good]) for v in range(len(first))]
+        tensors = [default_collate([s.transformed[v] for s in good]) for v in range(len(first))]
     else:
-        views = [default_collate([s[0] for s in good])]
-    labels = torch.tensor([s[1] for s in good], dtype=torch.long)
-    indices = torch.tensor([s[2] for s in good], dtype=torch.long)
-    return Batch(views, labels, indices, failed)
+        tensors = [default_collate([s.transformed for s in good])]
+    labels = torch.tensor([s.label for s in good], dtype=torch.long)
+    indices = torch.tensor([s.index for s in good], dtype=torch.long)
+    return Batch(tensors, labels, indices, failed)
 
 
 def prefetch_factor(workers: int) -> int | None:

@@ -1,6 +1,6 @@
 """Batches turned into the step's views on the training device, on CUDA while the previous step runs.
 
-``views_on_device(batches, finish, device, overlap)`` yields ``ReadyBatch(item, views,
+``ready_batches(batches, finish, device, overlap)`` yields ``ReadyBatch(item, views,
 data_wait_s)`` for each item of ``batches`` (a ``DataLoader``), where ``views = finish(item)``
 makes the views on the device: the copy of the batch there and its normalisation, or with
 ``views_on=device`` the crops and colours too (``view_pipeline``).
@@ -44,8 +44,8 @@ class ReadyBatch(NamedTuple):
     data_wait_s: float
 
 
-def views_on_device(batches: Iterable[Item], finish: Callable[[Item], Views | None], device: torch.device,
-                    overlap: bool = True) -> Iterator[ReadyBatch]:
+def ready_batches(batches: Iterable[Item], finish: Callable[[Item], Views | None], device: torch.device,
+                  overlap: bool = True) -> Iterator[ReadyBatch]:
     """``ReadyBatch(item, finish(item), wait)`` for each item, in order (see the module doc)."""
     if overlap and device.type == "cuda":
         return one_ahead(iter(batches), *_side_stream(finish, device))

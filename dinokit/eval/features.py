@@ -92,7 +92,7 @@ def extract_features(backbone: nn.Module | Callable[[torch.Tensor], torch.Tensor
         if not len(batch):
             continue
         with autocast:
-            out = backbone(batch.views[0].to(device, non_blocking=True))
+            out = backbone(batch.tensors[0].to(device, non_blocking=True))
         feats.append(out.float().cpu())
         labels.append(batch.labels)
         paths += [str(images.paths[i]) for i in batch.indices.tolist()]

@@ -220,7 +220,7 @@ def linear_probe(backbone: nn.Module, train_images: ImageList | str | Path, test
             for batch in itertools.islice(stream, sampler.batches_per_epoch):
                 if len(batch):
                     with autocast:
-                        x = features(batch.views[0].to(device, non_blocking=True))
+                        x = features(batch.tensors[0].to(device, non_blocking=True))
                     yield x.float(), batch.labels
 
     _, result = train_linear(train, test, len(train_images.classes), epochs, lr, batch_size, seed, device,

@@ -49,7 +49,7 @@ from dinokit.data.datasets import ImageDataset, collate_views, prefetch_factor
 from dinokit.data.folders import DataError, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.data.device_views import view_pipeline
-from dinokit.data.prefetch import ReadyBatch, views_on_device
+from dinokit.data.prefetch import ReadyBatch, ready_batches
 from dinokit.method.schedules import StepHyperparameters
 from dinokit.train.devices import autocast_dtype, autocast_for, cpu_has_amx, resolve_device, usable_cores
 from dinokit.train.host_memory import use_memory_policy
@@ -336,19 +336,19 @@ def measure_pipeline(cfg: TrainConfig, batches: int, workers: int = 0, warmup: i
 def _batches(cfg: TrainConfig, data: str, workers: int, device: torch.device,
              timer: PhaseTimer) -> Iterator[ReadyBatch]:
     """An endless iterator of ``ReadyBatch``: the step's views on ``device``, made as ``dinokit
-    train`` makes them (``views_on_device``: on CUDA with ``overlap_views`` on a side stream while
+    train`` makes them (``ready_batches``: on CUDA with ``overlap_views`` on a side stream while
     the previous step runs) and timed as the ``views`` phase: the copy to the device, and with
     ``views_on=device`` the crops there. Synthetic views are made on the device once."""
     if data == "synthetic":
         views = synthetic_views(cfg, device)
-        return views_on_device(itertools.repeat(views), lambda _: views, device, overlap=False)
+        return ready_batches(itertools.repeat(views), lambda _: views, device, overlap=False)
     transform, finish_views = view_pipeline(cfg)
 
     def finish(batch) -> list[torch.Tensor]:
         with timer("views"):
-            return finish_views(batch.views, device)
+            return finish_views(batch.tensors, device)
 
-    return views_on_device(pipeline_loader(cfg, workers, device, transform), finish, device, cfg.overlap_views)
+    return ready_batches(pipeline_loader(cfg, workers, device, transform), finish, device, cfg.overlap_views)
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:

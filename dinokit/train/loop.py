@@ -30,7 +30,7 @@ from dinokit.data.folders import DataError, ImageList, scan_folder, split_train_
 from dinokit.data.public import resolve_data
 from dinokit.data.sampler import TrainingSampler
 from dinokit.data.device_views import view_pipeline
-from dinokit.data.prefetch import views_on_device
+from dinokit.data.prefetch import ready_batches
 from dinokit.method.loss import DINOLoss
 from dinokit.method.schedules import Schedules, StepHyperparameters
 from dinokit.method.teacher import make_teacher, update_teacher
@@ -512,8 +512,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
                     shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
     interrupted = False
-    ready = views_on_device(loader, lambda batch: finish_views(batch.views, device) if len(batch) else None,
-                            device, cfg.overlap_views)
+    ready = ready_batches(loader, lambda batch: finish_views(batch.tensors, device) if len(batch) else None,
+                          device, cfg.overlap_views)
     with (_StopSignal(announce=env.is_main) as stop, StallWatch(monitor.write) as stall,
           contextlib.closing(ready),  # closed: the loader's workers end
           contextlib.closing(monitor.bar)):  # closed: an error's message starts on a line of its own

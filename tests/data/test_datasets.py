@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from dinokit.config import TrainConfig
-from dinokit.data.datasets import ImageDataset, collate_views, prefetch_factor
+from dinokit.data.datasets import ImageDataset, Sample, collate_views, prefetch_factor
 from dinokit.data.device_views import view_pipeline
 from dinokit.data.folders import scan_folder
 
@@ -54,11 +54,11 @@ def test_an_images_draws_depend_on_seed_epoch_and_index_alone_and_seed_the_cpu_g
 
 
 def test_a_worker_collates_straight_into_the_shared_memory_the_batch_is_sent_through(monkeypatch):
-    samples = [((torch.full((4, 4, 3), i, dtype=torch.uint8), torch.rand(3, 2, 2)), i, i, None) for i in range(3)]
+    samples = [Sample((torch.full((4, 4, 3), i, dtype=torch.uint8), torch.rand(3, 2, 2)), i, i, None) for i in range(3)]
     in_main = collate_views(samples)
-    assert not any(view.is_shared() for view in in_main.views)
+    assert not any(view.is_shared() for view in in_main.tensors)
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as in a DataLoader worker
     in_worker = collate_views(samples)
-    assert all(view.is_shared() for view in in_worker.views)  # nothing left to copy when it is sent
-    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(in_worker.views, in_main.views))
-    assert in_worker.views[0].shape == (3, 4, 4, 3) and in_worker.labels.tolist() == [0, 1, 2]
+    assert all(view.is_shared() for view in in_worker.tensors)  # nothing left to copy when it is sent
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(in_worker.tensors, in_main.tensors))
+    assert in_worker.tensors[0].shape == (3, 4, 4, 3) and in_worker.labels.tolist() == [0, 1, 2]

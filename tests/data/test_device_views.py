@@ -246,10 +246,10 @@ def test_device_views_have_the_host_views_statistics(textures_dir):
     keys = [(epoch, i) for epoch in range(4) for i in range(len(images))]  # 256 images' views
     host = collate_views([ImageDataset(images, MultiCropAugmentation(cfg))[key] for key in keys])
     raw = collate_views([ImageDataset(images, ViewParameters(cfg))[key] for key in keys])
-    device = DeviceMultiCrop(cfg)(*raw.views)
+    device = DeviceMultiCrop(cfg)(*raw.tensors)
     for v in range(cfg.local_crops_number + 2):
         for stat in (torch.mean, torch.std):
-            assert abs(stat(device[v]) - stat(host.views[v])) < 0.15, (v, stat)
+            assert abs(stat(device[v]) - stat(host.tensors[v])) < 0.15, (v, stat)
 
 
 def test_views_of_a_batch_are_each_images_views_made_alone():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dinokit.config import TrainConfig
-from dinokit.data.prefetch import ReadyBatch, one_ahead, views_on_device
+from dinokit.data.prefetch import ReadyBatch, one_ahead, ready_batches
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,7 +25,7 @@ def test_on_the_cpu_each_batch_is_finished_when_it_is_handed_over(overlap):
         log.append(f"finish {i}")
         return [torch.full((2,), float(i))]
 
-    for item, views, _ in views_on_device(logged_items(log, 3), finish, torch.device("cpu"), overlap):
+    for item, views, _ in ready_batches(logged_items(log, 3), finish, torch.device("cpu"), overlap):
         log.append(f"use {item}")
         assert views[0].tolist() == [item, item]
     assert log == ["fetch 0", "finish 0", "use 0", "fetch 1", "finish 1", "use 1", "fetch 2", "finish 2", "use 2"]
@@ -61,12 +61,12 @@ def test_the_wait_reported_is_the_time_spent_fetching():
     assert [r.item for r in readies] == [0, 1, 2]
     assert readies[0].data_wait_s >= 0.05  # item 1 was fetched before item 0 was handed over
     assert readies[1].data_wait_s < 0.05 and readies[2].data_wait_s < 0.05
-    readies = list(views_on_device(slow_items(), lambda i: None, torch.device("cpu")))
+    readies = list(ready_batches(slow_items(), lambda i: None, torch.device("cpu")))
     assert readies[1].data_wait_s >= 0.05 and readies[0].data_wait_s < 0.05
 
 
 def test_an_empty_batch_is_handed_over_without_views():
-    ready = next(views_on_device(iter([[]]), lambda batch: None if not batch else [batch], torch.device("cpu")))
+    ready = next(ready_batches(iter([[]]), lambda batch: None if not batch else [batch], torch.device("cpu")))
     assert ready == ReadyBatch([], None, ready.data_wait_s)
 
 
@@ -89,7 +89,7 @@ def test_cuda_side_stream_hands_views_over_only_once_they_are_made():
         torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time on the side stream
         return [host.to("cuda", non_blocking=True) * 1]
 
-    sums = [views[0].sum() for _, views, _ in views_on_device(pinned_batches(6), slow_copy, torch.device("cuda"))]
+    sums = [views[0].sum() for _, views, _ in ready_batches(pinned_batches(6), slow_copy, torch.device("cuda"))]
     assert [s.item() for s in sums] == pytest.approx([float((i + 1) << 22) for i in range(6)], rel=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_cuda_side_stream_views_keep_their_memory_until_the_step_has_read_them()
     once: without ``record_stream`` the allocator would give their memory to the next views, made on
     the side stream meanwhile."""
     sums = []
-    for _, views, _ in views_on_device(pinned_batches(6), lambda host: [host.to("cuda", non_blocking=True) * 1],
+    for _, views, _ in ready_batches(pinned_batches(6), lambda host: [host.to("cuda", non_blocking=True) * 1],
                                        torch.device("cuda")):
         torch.cuda._sleep(20_000_000)
         sums.append(views[0].sum())
@@ -110,7 +110,7 @@ def test_cuda_side_stream_views_keep_their_memory_until_the_step_has_read_them()
 @cuda
 @pytest.mark.parametrize("views_on", ["host", "device"])
 def test_cuda_side_stream_gives_the_views_made_in_turn_without_waiting_for_the_gpu(views_on):
-    from dinokit.data.datasets import collate_views
+    from dinokit.data.datasets import Sample, collate_views
     from dinokit.data.device_views import view_pipeline
     from tests.data.test_device_views import photo
 
@@ -118,17 +118,17 @@ def test_cuda_side_stream_gives_the_views_made_in_turn_without_waiting_for_the_g
                              "patch_size": 8, "views_on": views_on})
     transform, finish_views = view_pipeline(cfg)
     torch.manual_seed(0)
-    batches = [collate_views([(transform(photo(4 * b + i)), -1, i, None) for i in range(4)]).pin_memory()
+    batches = [collate_views([Sample(transform(photo(4 * b + i)), -1, i, None) for i in range(4)]).pin_memory()
                for b in range(3)]
 
     def finish(batch):
-        return finish_views(batch.views, torch.device("cuda"))
+        return finish_views(batch.tensors, torch.device("cuda"))
 
-    in_turn = [ready.views for ready in views_on_device(batches, finish, torch.device("cuda"), overlap=False)]
+    in_turn = [ready.views for ready in ready_batches(batches, finish, torch.device("cuda"), overlap=False)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
     try:
-        ahead = [ready.views for ready in views_on_device(batches, finish, torch.device("cuda"), overlap=True)]
+        ahead = [ready.views for ready in ready_batches(batches, finish, torch.device("cuda"), overlap=True)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(in_turn, ahead, strict=True):

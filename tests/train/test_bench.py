@@ -141,8 +141,8 @@ def test_run_bench_through_the_data_pipeline(textures_dir):
     assert result.workload["data"] == str(textures_dir) and result.workload["workers"] == 0
     assert result.phases_ms["data"] > 0 and result.data_images_per_s_per_core > 0
     batch = next(iter(bench.pipeline_loader(cfg, 0, torch.device("cpu"))))
-    assert [tuple(v.shape) for v in batch.views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
-    assert all(v.dtype == torch.uint8 for v in batch.views)  # normalised on the training device
+    assert [tuple(v.shape) for v in batch.tensors] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
+    assert all(v.dtype == torch.uint8 for v in batch.tensors)  # normalised on the training device
 
 
 def test_bad_settings_are_config_errors(textures_dir):

@@ -208,7 +208,7 @@ def test_pipeline_batches_are_pinned_for_cuda(textures_dir):
     from dinokit.train.bench import pipeline_loader
 
     batch = next(iter(pipeline_loader(_tiny_cfg(data=str(textures_dir), device="cuda"), 0, torch.device("cuda"))))
-    assert all(v.is_pinned() for v in batch.views)
+    assert all(v.is_pinned() for v in batch.tensors)
 
 
 def test_a_training_step_reads_no_value_on_the_device():

@@ -104,10 +104,10 @@ def _interrupt_at(monkeypatch, stop_step: int) -> None:
 
 
 def test_the_loop_takes_its_views_from_views_on_device_and_closes_it(textures_dir, tmp_path, monkeypatch):
-    """``overlap_views`` reaches ``views_on_device``, whose iterator (holding the loader's) is
+    """``overlap_views`` reaches ``ready_batches``, whose iterator (holding the loader's) is
     closed when the loop ends."""
     calls = []
-    real = loop.views_on_device
+    real = loop.ready_batches
 
     class Spy:
         def __init__(self, *args):
@@ -121,7 +121,7 @@ def test_the_loop_takes_its_views_from_views_on_device_and_closes_it(textures_di
             calls.append("closed")
             self.batches.close()
 
-    monkeypatch.setattr(loop, "views_on_device", Spy)
+    monkeypatch.setattr(loop, "ready_batches", Spy)
     assert train(tiny_config(textures_dir, tmp_path / "run", epochs=1, overlap_views=True)).steps == 64 // 8
     assert calls == [True, "closed"]
 

@@ -277,7 +277,7 @@ def test_a_killed_loader_worker_is_one_clear_error(textures_dir, tmp_path, monke
         def close(self):
             pass
 
-    monkeypatch.setattr(loop, "views_on_device", lambda *args: KilledWorker())
+    monkeypatch.setattr(loop, "ready_batches", lambda *args: KilledWorker())
     with pytest.raises(TrainingError, match=r"a data loader worker was killed \(DataLoader worker \(pid 4242\).*"
                                             r"out of memory\? Fewer num_workers need less\. No checkpoint was written"):
         train(tiny_config(textures_dir, tmp_path / "run", epochs=1))
