@@ -168,6 +168,26 @@ def split_train_val(images: ImageList, val_fraction: float, seed: int = 0) -> tu
     return images.subset(sorted(train)), images.subset(sorted(val))
 
 
+def hold_out(images: ImageList, val_fraction: float, seed: int) -> tuple[ImageList, ImageList | None]:
+    """The images a training run trains on and those it holds out for its k-NN monitor (``None``
+    when it holds none out: see ``why_none_held_out``, or too few images per class)."""
+    if why_none_held_out(images, val_fraction) is None:
+        train, held_out = split_train_val(images, val_fraction, seed)
+        if len(held_out):
+            return train, held_out
+    return images, None
+
+
+def why_none_held_out(images: ImageList, val_fraction: float) -> str | None:
+    """Why a run on ``images`` (the whole folder) holds none of them out for the k-NN monitor;
+    None when it splits them (and holds some out unless there are too few per class)."""
+    if not images.labelled:
+        return "no labels: images lie directly in the folder, not all in class sub-folders"
+    if len(images.classes) < 2:
+        return "one class"
+    return "val_fraction=0" if val_fraction == 0 else None
+
+
 def load_rgb(path: str | Path, min_side: int = 0) -> Image.Image:
     """Decode any image file to 8-bit RGB, EXIF orientation applied. Raises ``BadImageError``.
 

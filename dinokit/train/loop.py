@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from dinokit.config import ConfigError, TrainConfig
 from dinokit.data.datasets import ImageDataset, collate_views, StopSignalsToMain, prefetch_factor, sample_seed
-from dinokit.data.folders import DataError, ImageList, scan_folder, split_train_val
+from dinokit.data.folders import DataError, hold_out, scan_folder, why_none_held_out
 from dinokit.data.public import resolve_data
 from dinokit.data.sampler import TrainingSampler
 from dinokit.data.device_views import view_pipeline
@@ -290,25 +290,6 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def _split_data(cfg: TrainConfig) -> tuple[ImageList, ImageList | None]:
-    images = scan_folder(resolve_data(cfg.data), skip=cfg.out)
-    if _why_no_knn(cfg, images) is None:
-        train_images, val_images = split_train_val(images, cfg.val_fraction, cfg.seed)
-        if len(val_images):
-            return train_images, val_images
-    return images, None
-
-
-def _why_no_knn(cfg: TrainConfig, images: ImageList) -> str | None:
-    """Why a run on ``images`` (the whole folder) holds none of them out for the k-NN monitor;
-    None when it splits them (and holds some out unless there are too few per class)."""
-    if not images.labelled:
-        return "no labels: images lie directly in the folder, not all in class sub-folders"
-    if len(images.classes) < 2:
-        return "one class"
-    return "val_fraction=0" if cfg.val_fraction == 0 else None
-
-
 def training_loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     """Loader processes of this training process: ``cfg.num_workers``, or from its share of the
     node's cores (``default_loader_workers``): all but one on a GPU; half of them on a CPU, where
@@ -435,7 +416,8 @@ def train(cfg: TrainConfig) -> RunResult:
 def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     out = Path(cfg.out)
     with leaders_first(env):  # the first process of each node fills a data cache, the others read it
-        train_images, val_images = _split_data(cfg)
+        train_images, val_images = hold_out(scan_folder(resolve_data(cfg.data), skip=cfg.out), cfg.val_fraction,
+                                            cfg.seed)
     if cfg.batch_size % env.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) does not split evenly over "
                           f"{env.world_size} processes; use a multiple of {env.world_size}")
@@ -469,7 +451,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     monitor = Monitor(out, schedules.total_steps, state.step, cfg.batch_size, enabled=env.is_main,
                       data_bound_hint=_data_bound_hint(cfg, device, workers))
     knn = KnnMonitor(cfg, train_images, val_images, out, device)
-    why_not = _why_no_knn(cfg, train_images) or "too few images per class to hold any out"
+    why_not = why_none_held_out(train_images, cfg.val_fraction) or "too few images per class to hold any out"
     held_out = f"{len(val_images)} held out for k-NN" if val_images else f"no k-NN ({why_not})"
     model = f"{cfg.arch}/{cfg.patch_size}" if cfg.arch.startswith("vit") else cfg.arch
     monitor.write(f"dinokit: {len(train_images)} training images from {train_images.root}, {held_out}; {model} "

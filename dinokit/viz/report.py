@@ -32,7 +32,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from dinokit.config import TrainConfig
-from dinokit.data.folders import BadImageError, DataError, load_rgb, scan_folder, split_train_val
+from dinokit.data.folders import BadImageError, DataError, hold_out, load_rgb, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.files import write_text_atomically
 from dinokit.hub.load import load_backbone
@@ -224,10 +224,9 @@ def _attention_section(run_dir: Path, config: dict[str, Any], num_images: int) -
     except DataError as err:
         return _note(f"No attention maps: the run's data cannot be read ({err}).")
     which = "training"
-    if images.labelled and len(images.classes) > 1 and _setting(config, "val_fraction") > 0:
-        _, held_out = split_train_val(images, _setting(config, "val_fraction"), _setting(config, "seed"))
-        if len(held_out):
-            images, which = held_out, "held-out"
+    _, held_out = hold_out(images, _setting(config, "val_fraction"), _setting(config, "seed"))  # as the run did
+    if held_out is not None:
+        images, which = held_out, "held-out"
     picks = dict.fromkeys(np.linspace(0, len(images) - 1, num=min(num_images, len(images))).round().astype(int).tolist())
     items = []
     for i in picks:

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from dinokit.data import folders
-from dinokit.data.folders import (BadImageError, DataError, ImageList, decode_plain_jpeg, load_rgb, reduction_for,
-                                   scan_folder, split_train_val)
+from dinokit.data.folders import (BadImageError, DataError, ImageList, decode_plain_jpeg, hold_out, load_rgb,
+                                   reduction_for, scan_folder, split_train_val, why_none_held_out)
 
 
 def _img(path, mode="RGB", size=(8, 8)):
@@ -258,3 +258,15 @@ def test_the_fingerprint_is_the_same_wherever_the_folder_is_mounted(tmp_path):
     relabelled = ImageList(tmp_path / "b", [tmp_path / "b" / "x" / "1.jpg"], [1], ["w", "x"])
     assert here.fingerprint() == moved.fingerprint() != relabelled.fingerprint()
     assert here.fingerprint().startswith("1 images, ")
+
+
+def test_a_run_holds_out_labelled_images_of_two_classes_or_more_only(tmp_path):
+    paths = [tmp_path / c / f"{i}.png" for c in ("a", "b") for i in range(4)]
+    two = ImageList(tmp_path, paths, [0] * 4 + [1] * 4, ["a", "b"])
+    train, held_out = hold_out(two, 0.25, seed=0)
+    assert len(train) == 6 and len(held_out) == 2 and sorted(held_out.labels) == [0, 1]
+    assert (train.paths, held_out.paths) == tuple(s.paths for s in split_train_val(two, 0.25, 0))  # the same split
+    for images, fraction, why in [(two, 0.0, "val_fraction=0"), (ImageList(tmp_path, paths), 0.25, "no labels"),
+                                  (ImageList(tmp_path, paths, [0] * 8, ["a"]), 0.25, "one class")]:
+        assert hold_out(images, fraction, seed=0) == (images, None) and why in why_none_held_out(images, fraction)
+    assert why_none_held_out(two, 0.25) is None

@@ -11,7 +11,7 @@ import torch
 from dinokit.train import loop
 from dinokit.train.checkpoint import load_checkpoint
 from dinokit.config import TrainConfig
-from dinokit.data.folders import ImageList, scan_folder
+from dinokit.data.folders import ImageList, scan_folder, why_none_held_out
 from dinokit.train.loop import train
 from tests.conftest import tiny_config
 
@@ -229,7 +229,7 @@ def test_the_first_line_says_whether_and_why_not_k_nn_runs(textures_dir, tmp_pat
 def test_loose_images_beside_class_folders_are_named_as_why_there_is_no_k_nn(textures_dir):
     images = scan_folder(textures_dir)
     loose = ImageList(images.root, images.paths)  # as scan_folder makes it when an image lies at the top
-    assert "no labels: images lie directly in the folder" in loop._why_no_knn(TrainConfig(), loose)
+    assert "no labels: images lie directly in the folder" in why_none_held_out(loose, TrainConfig().val_fraction)
 
 
 @pytest.mark.parametrize("saved_fused", [False, True])
