@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dinokit.config import ConfigError, TrainConfig
-from dinokit.data.datasets import ImageDataset, collate_views, prefetch_factor
+from dinokit.data.datasets import ImageDataset, prefetch_factor
 from dinokit.data.folders import DataError, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.data.device_views import view_pipeline
@@ -53,7 +53,7 @@ from dinokit.data.prefetch import ReadyBatch, ready_batches
 from dinokit.method.schedules import StepHyperparameters
 from dinokit.train.devices import autocast_dtype, autocast_for, cpu_has_amx, resolve_device, usable_cores
 from dinokit.train.host_memory import use_memory_policy
-from dinokit.train.loop import build_state, loader_worker_init, train_step, training_loader_workers
+from dinokit.train.loop import build_state, train_step, training_loader, training_loader_workers
 
 BF16_HINT_SPEEDUP = 1.3  # the bf16 / fp32 matmul rate above which the report suggests bf16 on a CPU
 VIEWS_HINT_SHARE = 0.03  # the share of a GPU step the views take above which the report suggests overlap_views
@@ -292,9 +292,7 @@ def pipeline_loader(cfg: TrainConfig, workers: int, device: torch.device, transf
     dataset = ImageDataset(images, transform, seed=cfg.seed, min_side=transform.min_source_side)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
                                              generator=torch.Generator().manual_seed(cfg.seed))
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=prefetch_factor(workers), drop_last=True, worker_init_fn=loader_worker_init(cfg))
+    return training_loader(cfg, dataset, sampler, cfg.batch_size, workers, device)
 
 
 def pipeline_batches(batches: int, warmup: int, workers: int) -> tuple[int, int]:

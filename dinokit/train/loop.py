@@ -305,6 +305,16 @@ def loader_worker_init(cfg: TrainConfig):
     return KeepFreedMemoryInWorkers(StopSignalsToMain()) if cfg.keep_freed_memory else StopSignalsToMain()
 
 
+def training_loader(cfg: TrainConfig, dataset: ImageDataset, sampler, batch_size: int, workers: int,
+                    device: torch.device) -> DataLoader:
+    """The training data loader (``dinokit train``'s and ``dinokit bench``'s): ``workers`` processes
+    (``loader_worker_init``) making ``prefetch_factor(workers)`` batches ahead each, ``collate_views``
+    batches of ``batch_size`` images in the order of ``sampler``, pinned for a GPU."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_views,
+                      pin_memory=device.type == "cuda", worker_init_fn=loader_worker_init(cfg),
+                      prefetch_factor=prefetch_factor(workers))
+
+
 def _data_bound_hint(cfg: TrainConfig, device: torch.device, workers: int) -> str:
     """What to try when the step waits for the data loader."""
     tries = [f"more loader workers (num_workers={workers} now)"]
@@ -439,9 +449,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunResult:
     transform, finish_views = view_pipeline(cfg)  # on the host, or decode there and crop on the device
     dataset = ImageDataset(train_images, transform, seed=cfg.seed, min_side=transform.min_source_side)
     workers = training_loader_workers(cfg, device)
-    loader = DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=False,
-                        worker_init_fn=loader_worker_init(cfg), prefetch_factor=prefetch_factor(workers))
+    loader = training_loader(cfg, dataset, sampler, sampler.local_batch, workers, device)
     student: nn.Module = state.student
     if env.distributed and not is_sharded(state.student):
         student = nn.parallel.DistributedDataParallel(state.student, device_ids=[device.index] if device.type == "cuda" else None)
