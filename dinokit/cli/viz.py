@@ -45,7 +45,7 @@ def _setup(source: Path, checkpoint: str, weights: str | None, which: str, devic
     another image's name or a ``reserved`` one would coincide (``x.jpg``, ``x.png``): see ``output_names``."""
     from dinokit.hub.load import open_backbone
     from dinokit.train.devices import resolve_device
-    from dinokit.viz.attention import NeedsViTError, require_vit
+    from dinokit.viz.inputs import NeedsViTError, require_vit
     from dinokit.viz.inputs import image_paths, output_names
 
     paths = image_paths(source)

@@ -22,21 +22,9 @@ from PIL import Image
 from torch import nn
 
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD
-from dinokit.models.backbones import is_vit
-from dinokit.viz.inputs import Fit, Key, batched_forward
+from dinokit.viz.inputs import Fit, Key, batched_forward, require_vit, upsample
 
 DEFAULT_THRESHOLD = 0.6
-
-
-class NeedsViTError(ValueError):
-    """A picture that only a Vision Transformer can give (attention, patch tokens)."""
-
-
-def require_vit(backbone: nn.Module, what: str) -> None:
-    if not is_vit(backbone):
-        kind = f"{type(backbone).__module__}.{type(backbone).__name__}"
-        raise NeedsViTError(f"{what} need a ViT backbone (dinokit's vit_tiny/small/base, as trained by dinokit "
-                            f"or released by DINO); this one is a {kind}")
 
 
 def cls_patch_attention(attention: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -64,11 +52,6 @@ def top_mass_mask(shares: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) ->
     keep_sorted = mass_before < threshold
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return keep.reshape(shares.shape)
-
-
-def upsample(maps: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``... x h x w`` -> ``... x h*p x w*p``, each patch value repeated over its pixels."""
-    return maps.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)
 
 
 @dataclass

@@ -6,6 +6,8 @@ gets there without squashing: it optionally resizes the shorter side to ``image_
 ``p - 1`` pixels lost per side) or pads it up with the mean colour. The image it returns is
 exactly what the network sees, so maps drawn over it line up pixel for pixel.
 ``batched_forward`` runs a backbone over such images, batching consecutive ones of one size.
+What the pictures share besides: ``require_vit`` (attention and patch tokens need a ViT) and
+``upsample`` (a map per patch to a map per pixel).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD
 from dinokit.data.folders import IMAGE_EXTENSIONS, DataError, scan_folder
+from dinokit.data.transforms import NormalizeImages
+from dinokit.models.backbones import is_vit
 
 Fit = Literal["crop", "pad"]
 Key = TypeVar("Key")
@@ -88,9 +92,24 @@ def fit_to_patches(image: Image.Image, patch_size: int, image_size: int | None =
 
 
 def to_tensor(images: list[Image.Image], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """Same-size PIL images -> a normalised batch ``B x 3 x H x W``."""
-    return torch.stack([TF.normalize(TF.to_dtype(TF.to_image(im), torch.float32, scale=True), mean, std)
-                        for im in images])
+    """Same-size PIL images -> a normalised float32 batch ``B x 3 x H x W`` (as training normalises)."""
+    return NormalizeImages(mean, std)(torch.stack([TF.to_image(im) for im in images]))
+
+
+class NeedsViTError(ValueError):
+    """A picture that only a Vision Transformer can give (attention, patch tokens)."""
+
+
+def require_vit(backbone: nn.Module, what: str) -> None:
+    if not is_vit(backbone):
+        kind = f"{type(backbone).__module__}.{type(backbone).__name__}"
+        raise NeedsViTError(f"{what} need a ViT backbone (dinokit's vit_tiny/small/base, as trained by dinokit "
+                            f"or released by DINO); this one is a {kind}")
+
+
+def upsample(maps: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``... x h x w`` -> ``... x h*p x w*p``, each patch value repeated over its pixels."""
+    return maps.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)
 
 
 def same_size_batches(items: Iterable[tuple[Key, Image.Image]], batch_size: int) -> Iterator[list[tuple[Key, Image.Image]]]:

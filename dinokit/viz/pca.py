@@ -21,8 +21,7 @@ from PIL import Image
 from torch import nn
 
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD
-from dinokit.viz.attention import require_vit, upsample
-from dinokit.viz.inputs import Fit, Key, batched_forward
+from dinokit.viz.inputs import Fit, Key, batched_forward, require_vit, upsample
 
 
 def patch_features(backbone: nn.Module, images: Iterable[tuple[Key, Image.Image]], image_size: int | None = None,

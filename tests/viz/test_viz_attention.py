@@ -12,9 +12,9 @@ from torch import nn
 
 from dinokit.data.folders import DataError
 from dinokit.models.vit import VisionTransformer
-from dinokit.viz.attention import (AttentionMaps, NeedsViTError, attention_figure, attention_maps,
-                                   cls_patch_attention, save_attention, top_mass_mask, upsample)
-from dinokit.viz.inputs import fit_to_patches, image_paths, output_names
+from dinokit.viz.attention import (AttentionMaps, attention_figure, attention_maps, cls_patch_attention,
+                                   save_attention, top_mass_mask)
+from dinokit.viz.inputs import NeedsViTError, fit_to_patches, image_paths, output_names, upsample
 
 
 def small_vit(patch_size: int) -> VisionTransformer:
