@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from dinokit.config import ConfigError
@@ -45,7 +45,9 @@ RECORD_KEYS = ("args", "images")  # the plain values saved beside the tensors (s
 
 
 def is_sharded(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
+    """Whether ``module`` holds FSDP shards (``DTensor`` parameters): ``fully_shard``'s module or
+    a part of it, such as the teacher's backbone."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 #: The oldest PyTorch on which dinokit's FSDP runs are checked to train as one process does
@@ -98,7 +100,7 @@ def gathered_copy(module: nn.Module, build: Callable[[], nn.Module]) -> nn.Modul
     """``module`` itself when it is not sharded; otherwise ``build()`` (a fresh module of the same
     architecture, on the right device) loaded with ``module``'s gathered weights on every
     process, so that each process can run it on its own inputs (collective)."""
-    if not any(isinstance(p, DTensor) for p in module.parameters()):
+    if not is_sharded(module):
         return module
     state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in module.state_dict().items()}
     copy = build()

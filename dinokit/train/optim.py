@@ -7,6 +7,8 @@ import functools
 import torch
 from torch import nn
 
+from dinokit.train.fsdp import is_sharded
+
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Two groups: weights that decay (``ndim > 1``, not a bias) and the rest (``weight_decay=0``)."""
@@ -22,8 +24,7 @@ def build_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW
     """AdamW with fused kernels where PyTorch has them for ``device`` (CUDA; the CPU since
     PyTorch 2.4) and the parameters are plain tensors, else multi-tensor; lr and weight decay are
     set every step."""
-    sharded = any(type(p.data) is not torch.Tensor for p in model.parameters())  # FSDP's DTensors
-    fused = not sharded and fused_adamw_available(device.type)
+    fused = not is_sharded(model) and fused_adamw_available(device.type)
     return torch.optim.AdamW(param_groups(model), lr=0.0, weight_decay=0.0, fused=fused, foreach=None if fused else True)
 
 
