@@ -12,7 +12,8 @@ from dinokit.data.builtin import builtin_textures
 from dinokit.data.folders import ImageList, scan_folder
 from dinokit.data.transforms import MultiCropAugmentation, eval_transform
 from dinokit.eval.embed import Embeddings, embed_images
-from dinokit.eval.features import extract_features, open_source
+from dinokit.eval.features import extract_features
+from dinokit.eval.source import open_source
 from dinokit.eval.knn import knn_classify, knn_evaluate
 from dinokit.eval.linear import linear_probe
 from dinokit.hub.export import export_backbone

@@ -1,6 +1,6 @@
 """``dinokit knn``, ``dinokit linear``, ``dinokit embed`` and ``dinokit plot-embeddings``.
 
-Each parses its options, opens the backbone (``dinokit.eval.features.open_source``), reads the
+Each parses its options, opens the backbone (``dinokit.eval.source.open_source``), reads the
 image folders and calls the library; k-NN and linear results are printed as a table and
 written as JSON next to the checkpoint.
 """
@@ -90,7 +90,7 @@ def _labelled_data_options(fn):
 def _open(checkpoint: str, which: str, arch: str | None, patch_size: int | None, weights: str | None, trust: bool,
           image_size: int | None, out_dir: str | None = None, seed: int = 0):
     """The feature source and the evaluation crop size, checked against the patch size."""
-    from dinokit.eval.features import open_source
+    from dinokit.eval.source import open_source
 
     if image_size is not None and image_size < 1:  # checked before the weights are read
         raise UserError(f"--image-size must be positive, got {image_size}")

@@ -39,7 +39,7 @@ def invoke(*args):
 def test_where_results_go(run_dir, tmp_path):
     import shutil
 
-    from dinokit.eval.features import open_source
+    from dinokit.eval.source import open_source
 
     folder = open_source(run_dir)
     assert folder.result_path("knn") == run_dir / "eval_knn.json" and folder.cache_dir == run_dir / "features"

@@ -10,7 +10,7 @@ from torch import nn
 
 from dinokit.config import ConfigError
 from dinokit.data.folders import DataError, scan_folder
-from dinokit.eval.features import FeatureSource, file_fingerprint, open_source
+from dinokit.eval.source import FeatureSource, file_fingerprint, open_source
 from dinokit.eval.knn import knn_classify, knn_evaluate, top_k_neighbours
 
 
