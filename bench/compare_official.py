@@ -31,7 +31,8 @@ import torch.distributed as dist
 from PIL import Image
 
 from dinokit.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig
-from dinokit.hub.load import init_training_state, load_backbone
+from dinokit.hub.load import load_backbone
+from dinokit.train.init_weights import init_training_state
 from dinokit.train.loop import build_state
 
 SIZES = [(224, 224), (224, 320), (320, 224)]  # H x W, multiples of 8 and 16

@@ -45,6 +45,7 @@ from dinokit.train.distributed import (DistEnv, any_process, check_agreement, in
 from dinokit.train.fsdp import (full_state_dict, gathered_copy, is_sharded, latest_sharded, load_sharded,
                                 read_sharded_record, require_tested_torch, save_sharded, shard)
 from dinokit.train.host_memory import KeepFreedMemoryInWorkers, use_memory_policy
+from dinokit.train.init_weights import init_training_state
 from dinokit.train.knn_monitor import KnnMonitor
 from dinokit.train.monitor import Monitor, StallWatch
 from dinokit.train.optim import build_optimizer, clip_gradients, set_hyperparameters, step_if_finite
@@ -376,8 +377,6 @@ def _start_or_resume(state: DINOState, cfg: TrainConfig, env: DistEnv, device: t
     resume_from = sharded_path or (ckpt_path if ckpt_path.exists() else None)
     check_agreement(env, {"config": cfg.to_dict(), **images, "checkpoint found": str(resume_from)})
     if resume_from is None and cfg.init:
-        from dinokit.hub.load import init_training_state
-
         for line in init_training_state(state, cfg.init):
             if env.is_main:
                 print(line)

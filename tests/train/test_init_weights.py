@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from dinokit.cli import main
 from dinokit.data.builtin import builtin_textures
-from dinokit.hub.load import init_training_state
+from dinokit.train.init_weights import init_training_state
 from dinokit.models.vit import vit
 from dinokit.train.checkpoint import CheckpointError, load_checkpoint
 from dinokit.train.loop import build_state
