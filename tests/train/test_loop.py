@@ -103,7 +103,7 @@ def _interrupt_at(monkeypatch, stop_step: int) -> None:
     monkeypatch.setattr(loop, "train_step", step_then_signal)
 
 
-def test_the_loop_takes_its_views_from_views_on_device_and_closes_it(textures_dir, tmp_path, monkeypatch):
+def test_the_loop_takes_its_views_from_ready_batches_and_closes_it(textures_dir, tmp_path, monkeypatch):
     """``overlap_views`` reaches ``ready_batches``, whose iterator (holding the loader's) is
     closed when the loop ends."""
     calls = []
