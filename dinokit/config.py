@@ -1,8 +1,8 @@
 """The training configuration: one typed object holding every number of the DINO recipe.
 
 ``TrainConfig()`` *is* the DINO defaults, the recipe of the paper and the official code (ViT-S/16,
-2 x 224 px + 8 x 96 px views, K = 65536, ...). Presets (``laptop``, ``cifar``, ``paper``) are YAML files in
-``dinokit/configs/`` that change a few of them. A configuration is built in layers::
+2 x 224 px + 8 x 96 px views, K = 65536, ...). Presets (``laptop``, ``cifar``, ``paper``) are YAML
+files in ``dinokit/configs/`` that change a few of them. A configuration is built in layers::
 
     defaults  <-  preset or YAML file  <-  key=value overrides (command line)
 

@@ -82,10 +82,7 @@ def bench(config: str | None, compile_: str | None, synthetic: bool, steps: int,
     if unused:
         what = "--data-only times the data pipeline alone" if data_only else "--synthetic reads no images"
         raise UserError(f"{what}: leave out {' and '.join(map(_option, unused))}, which would play no part")
-    try:
-        device = resolve_device(values.get("device", "auto"))
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    device = resolve_device(values.get("device", "auto"))  # a ConfigError for friendly_errors
     base = load_yaml(config) if config else lib.default_config(device).to_dict()
     cfg = TrainConfig.build({**base, "device": str(device)}, values)
 

@@ -1,11 +1,11 @@
 """Datasets over an ``ImageList`` that never crash on a bad file, and their collate function.
 
-``ImageDataset[i]`` returns ``(views, label, i, error)``; ``ImageDataset[(epoch, i)]`` does the
-same with the augmentation's randomness seeded from ``(seed, epoch, i)`` alone, so that an image's
-views do not depend on the worker that loads it, the process count, or a resume. A file that
-cannot be decoded yields ``None`` in place of its views and the reason as ``error`` (else
-``None``); ``collate_views`` drops it and reports its path so the training loop can count and
-log it.
+``ImageDataset[i]`` returns a ``Sample(views, label, i, error)``; ``ImageDataset[(epoch, i)]``
+does the same with the augmentation's randomness seeded from ``(seed, epoch, i)`` alone, so that
+an image's views do not depend on the worker that loads it, the process count, or a resume. A
+file that cannot be decoded yields ``None`` in place of its views and the reason as ``error``
+(else ``None``); ``collate_views`` drops it and reports its path so the training loop can count
+and log it.
 """
 
 from __future__ import annotations

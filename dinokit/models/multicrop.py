@@ -14,7 +14,8 @@ class MultiCropModel(nn.Module):
     ``forward(views)`` takes a list of ``B x 3 x H_i x W_i`` tensors (views of one size are
     concatenated and go through the backbone together) and returns the logits of all views in
     order, ``(len(views) * B) x K``; ``ValueError`` for anything else (no views, a view of one
-    image, views of different batch sizes, integer images), whatever the backbone. ``backbone`` and ``head`` keep the official key prefixes.
+    image, views of different batch sizes, integer images), whatever the backbone. ``backbone``
+    and ``head`` keep the official key prefixes.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:

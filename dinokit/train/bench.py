@@ -50,6 +50,7 @@ from dinokit.data.folders import DataError, scan_folder
 from dinokit.data.public import resolve_data
 from dinokit.data.device_views import view_pipeline
 from dinokit.data.prefetch import ReadyBatch, ready_batches
+from dinokit.files import write_text_atomically
 from dinokit.method.schedules import StepHyperparameters
 from dinokit.train.devices import autocast_dtype, autocast_for, cpu_has_amx, resolve_device, usable_cores
 from dinokit.train.host_memory import use_memory_policy
@@ -404,10 +405,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 2, data: str = "p
         raise ConfigError(f"data: {data!r} is not one of {', '.join(DATA_MODES)}")
     if steps < 1 or warmup < 1:
         raise ConfigError("steps and warmup must be at least 1")
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     load_before = load_average()
@@ -502,7 +500,6 @@ def save_result(record: dict, results_dir: str | Path) -> Path:
     The file holds ``{"machine": ..., "runs": [...]}``; each run keeps its own ``machine`` too.
     """
     path = results_path(Path(results_dir).absolute(), record["machine"])
-    path.parent.mkdir(parents=True, exist_ok=True)
     content = {"machine": record["machine"], "runs": []}
     if path.exists():
         try:
@@ -510,10 +507,7 @@ def save_result(record: dict, results_dir: str | Path) -> Path:
         except json.JSONDecodeError as err:
             raise DataError(f"{path} is not valid JSON ({err}); move it away to start a new file") from None
     content["runs"].append({"date": date.today().isoformat(), **record})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(content, indent=1))
-    tmp.replace(path)
-    return path
+    return write_text_atomically(path, json.dumps(content, indent=1))
 
 
 def format_result(result: BenchResult) -> str:

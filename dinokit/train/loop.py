@@ -112,12 +112,11 @@ class DINOState:
         those of the machine that saved it, which ``Optimizer.load_state_dict`` would restore."""
         self.student.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["student"].items()})
         self.teacher.load_state_dict(ckpt["teacher"])
-        saved = ckpt["optimizer"]
-        kernels = [{key: group.get(key) for key in ("fused", "foreach")} for group in self.optimizer.param_groups]
-        groups = [{**group, **chosen} for group, chosen in zip(saved["param_groups"], kernels)]
-        if len(groups) != len(saved["param_groups"]):  # let the optimizer say that the groups differ
-            groups = saved["param_groups"]
-        self.optimizer.load_state_dict({**saved, "param_groups": groups})
+        saved, ours = ckpt["optimizer"], self.optimizer.param_groups
+        if len(saved["param_groups"]) == len(ours):  # else load_state_dict says that the groups differ
+            saved = {**saved, "param_groups": [{**group, "fused": mine.get("fused"), "foreach": mine.get("foreach")}
+                                               for group, mine in zip(saved["param_groups"], ours)]}
+        self.optimizer.load_state_dict(saved)
         self.loss.load_state_dict(ckpt["dino_loss"])
         self.step = int(ckpt["step"])
 
